@@ -1,0 +1,57 @@
+"""The ``ftlab`` command line: each command is a thin shell over the library API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ftlab import __version__
+
+app = typer.Typer(help="ftlab: fine-tune language models and measure what they forget.", no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ftlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """ftlab: fine-tune language models and measure what they forget."""
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML run config (see examples/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=1e-4 (repeatable)."),
+) -> None:
+    """Fine-tune a model with one method, as a YAML config says; writes the model under output.dir."""
+    from ftlab.config import RunConfig, load_config
+    from ftlab.train.run import run_train
+
+    with _clear_errors():
+        cfg = load_config(RunConfig, config, set_)
+        out, result = run_train(cfg)
+    typer.echo(f"trained {result.steps} steps in {result.train_seconds:.1f}s; {result.trainable_params:,} trainable")
+    typer.echo(f"saved to {out}")
+
+
+class _clear_errors:
+    """Turn ftlab's own input errors into a one-line message and exit code 2, instead of a traceback."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        from ftlab.config import ConfigError
+        from ftlab.data import DataError
+        from ftlab.models import ModelNotFoundError
+
+        if exc_type is not None and issubclass(exc_type, (ConfigError, DataError, ModelNotFoundError, FileNotFoundError)):
+            typer.secho(f"error: {exc}", err=True, fg="red")
+            raise typer.Exit(2)
+        return False

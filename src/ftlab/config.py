@@ -1,0 +1,205 @@
+"""Run configuration: nested dataclasses are the schema, YAML is their serialised form.
+
+A run config looks like::
+
+    model: smollm2-135m-instruct        # HF id, local folder, or the embedded default
+    data:
+      train: data/train.jsonl           # JSONL file, or a built-in data set name
+    method:
+      name: lora                        # any name in ftlab.methods.METHODS
+      params: {r: 8}                    # validated by that method's own Config dataclass
+    train:
+      lr: 1.0e-4
+      max_steps: 60
+    output:
+      dir: out/my-run
+
+Any key can be overridden from the command line with a dotted path: ``--set train.lr=1e-4``. Unknown keys and
+values of the wrong type are errors that name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSONL path or built-in data set name (e.g. "fictional-capitals")
+    format: str = "auto"  # auto | chat | completion | preference | verifiable
+    max_length: int = 512  # tokens; a longer record is an error unless truncate is true
+    truncate: bool = False  # cut over-long records instead of failing
+    limit: int | None = None  # use only the first N records
+
+
+@dataclass
+class MethodConfig:
+    name: str = "full"  # a name in ftlab.methods.METHODS
+    params: dict[str, Any] = field(default_factory=dict)  # checked against that method's Config
+
+
+@dataclass
+class TrainConfig:
+    trainer: str = "sft"  # sft (dpo and grpo are stage kinds of `ftlab run`)
+    lr: float = 1e-4  # peak learning rate
+    epochs: float = 1.0  # passes over the data (ignored when max_steps > 0)
+    max_steps: int = -1  # optimizer steps; -1 means use epochs
+    batch_size: int = 8  # per-device micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.0
+    scheduler: str = "constant"  # any transformers scheduler name: constant, linear, cosine, ...
+    weight_decay: float = 0.0  # keep 0 for masked methods: decay would move frozen entries
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    logging_steps: int = 5
+    save_steps: int = 0  # checkpoint every N steps (0: only at the end); used for resume
+    bf16: bool = False
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "out/run"
+    merge_lora: bool = False  # also write the LoRA-merged model under model/
+    overwrite: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m-instruct"
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a plain dict, checking keys and types.
+
+    Args:
+        cls: the dataclass type.
+        data: the values; missing keys take their defaults.
+        where: dotted prefix used in error messages.
+
+    Returns:
+        An instance of ``cls``.
+
+    Raises:
+        ConfigError: on unknown keys or values of the wrong type, naming the dotted field.
+    """
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {where + unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, where + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not a valid {tp}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_coerce(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict; values are parsed as YAML (``1e-4``, ``true``, ``[1,2]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a mapping")
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load a config dataclass from YAML plus dotted overrides, validating every field.
+
+    Args:
+        cls: the config dataclass (e.g. ``RunConfig``).
+        path: YAML file, or None for defaults.
+        overrides: ``key.path=value`` strings applied after the file.
+
+    Returns:
+        The validated config.
+    """
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a config dataclass (for YAML/JSON)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,67 @@
+"""``ftlab train CONFIG``: one config, one model, one method, one output folder.
+
+The output folder appears only when everything worked: the data is validated and tokenized before anything is
+written, training happens in ``<dir>.partial``, and that folder is renamed to ``<dir>`` at the end. It holds
+``model/`` (Hugging Face format, safetensors; for LoRA only with ``output.merge_lora``), ``adapter/`` (LoRA only,
+a PEFT adapter), ``config.yaml`` (the resolved config) and ``train_log.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftlab.config import ConfigError, RunConfig, to_dict
+from ftlab.data import load_records, sft_dataset
+from ftlab.data.sources import resolve_train_data
+from ftlab.methods import method_config
+from ftlab.models import load_model, load_tokenizer, save_model
+from ftlab.train.sft import TrainResult, train_sft
+
+
+def run_train(cfg: RunConfig) -> tuple[Path, TrainResult]:
+    """Validate, train, save. Returns the output folder and the training result."""
+    out = Path(cfg.output.dir)
+    if out.exists() and not cfg.output.overwrite:
+        raise ConfigError(f"output.dir: {out} already exists (set output.overwrite=true to replace it)")
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training data given")
+    if cfg.train.trainer != "sft":
+        raise ConfigError(f"train.trainer: `ftlab train` runs sft; {cfg.train.trainer!r} runs as a stage of `ftlab run`")
+    method_config(cfg.method.name, cfg.method.params)
+
+    tokenizer = load_tokenizer(cfg.model)
+    source = resolve_train_data(cfg.data.train)
+    records, fmt = load_records(source, cfg.data.format, cfg.data.limit)
+    dataset = sft_dataset(records, fmt, tokenizer, cfg.data.max_length, cfg.data.truncate)
+
+    model, tokenizer = load_model(cfg.model)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    result = train_sft(model, tokenizer, dataset, cfg.method, cfg.train, partial / "work", max_length=cfg.data.max_length)
+    if cfg.method.name == "lora":
+        result.model.save_pretrained(partial / "adapter", safe_serialization=True)
+        tokenizer.save_pretrained(partial / "adapter")
+    if cfg.method.name != "lora" or cfg.output.merge_lora:
+        save_model(result.final_model(), tokenizer, partial / "model")
+    shutil.rmtree(partial / "work", ignore_errors=True)
+    (partial / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    log: dict[str, Any] = {
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "trainable_params": result.trainable_params,
+        "optimizer_state_bytes": result.optimizer_state_bytes,
+        "plan_info": result.plan_info,
+        "log_history": result.log_history,
+    }
+    (partial / "train_log.json").write_text(json.dumps(log, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out, result

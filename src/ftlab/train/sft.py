@@ -1,0 +1,179 @@
+"""Supervised fine-tuning through TRL's SFTTrainer, with the method's Plan applied identically for every method.
+
+Run from Python::
+
+    from ftlab.config import MethodConfig, TrainConfig
+    result = train_sft(model, tok, dataset, MethodConfig("lora"), TrainConfig(max_steps=20), "out/work")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
+from trl import SFTConfig, SFTTrainer
+
+from ftlab.config import MethodConfig, TrainConfig
+from ftlab.methods import PlanContext, apply_plan, get_method, method_config, optimizer_state_bytes, trainable_count
+
+
+@dataclass
+class TrainResult:
+    """What a training stage produced.
+
+    Attributes:
+        model: the model as trained (a PEFT model for LoRA); ``final_model()`` gives the finalized plain model.
+        trainable_params: entries that could change.
+        optimizer_state_bytes: bytes of optimizer state at the end of training.
+        train_seconds: wall time of ``trainer.train``.
+        steps: optimizer steps taken.
+        log_history: the trainer's log records (loss per logging step).
+        plan_info: the method's own facts about its selection.
+        finalize: the plan's finalize step (merge adapters, apply diffs), run once by ``final_model``.
+    """
+
+    model: nn.Module
+    trainable_params: int
+    optimizer_state_bytes: int
+    train_seconds: float
+    steps: int
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    plan_info: dict[str, Any] = field(default_factory=dict)
+    finalize: Any = None
+    _final: nn.Module | None = None
+
+    def final_model(self) -> nn.Module:
+        """The finalized model in eval mode with gradients off (for LoRA: merged; the PEFT wrapper is consumed)."""
+        if self._final is None:
+            final = self.finalize(self.model) if self.finalize else self.model
+            for p in final.parameters():
+                p.requires_grad_(False)
+            self._final = final.eval()
+        return self._final
+
+
+def sft_config(train: TrainConfig, work_dir: str | Path, max_length: int | None = None, **overrides: Any) -> SFTConfig:
+    """TRL SFTConfig from our TrainConfig (CPU-friendly: no workers, no reporting, fp32 unless bf16)."""
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(work_dir),
+        learning_rate=train.lr,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        warmup_steps=train.warmup_ratio,
+        lr_scheduler_type=train.scheduler,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_strategy="steps" if train.save_steps > 0 else "no",
+        save_steps=train.save_steps if train.save_steps > 0 else 500,
+        save_total_limit=1,
+        bf16=train.bf16,
+        report_to="none",
+        dataloader_num_workers=0,
+        max_length=max_length,
+        packing=False,
+        disable_tqdm=False,
+    )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+def _train_phase(train: TrainConfig, work_dir: Path, tokenizer: PreTrainedTokenizerBase, max_length: int | None):
+    """The shared loop, for methods with an inner fine-tuning phase (every parameter that requires grad trains)."""
+
+    def run(model: nn.Module, dataset: Dataset, max_steps: int) -> None:
+        args = sft_config(train, work_dir / "phase", max_length, max_steps=max_steps, save_strategy="no")
+        SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+
+    return run
+
+
+def train_sft(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    method: MethodConfig,
+    train: TrainConfig,
+    work_dir: str | Path,
+    stage: int = 0,
+    max_length: int | None = None,
+    resume: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+    data_collator: Any = None,
+) -> TrainResult:
+    """Fine-tune ``model`` on a tokenized dataset with the named method.
+
+    Args:
+        model: the model to train (modified in place for non-PEFT methods).
+        tokenizer: its tokenizer.
+        dataset: rows with ``input_ids`` and ``labels`` (``ftlab.data.sft_dataset``).
+        method: method name and params.
+        train: optimizer and schedule settings.
+        work_dir: folder for trainer checkpoints.
+        stage: index of the stage in a continual run (methods may re-draw selections per stage).
+        max_length: longest sequence (already enforced when tokenizing).
+        resume: continue from the newest checkpoint in ``work_dir`` when there is one.
+        callbacks: extra trainer callbacks.
+        data_collator: replaces TRL's default collator (e.g. Masked Thought's input masking).
+
+    Returns:
+        A TrainResult; call ``final_model()`` for the plain trained model.
+    """
+    work_dir = Path(work_dir)
+    module = get_method(method.name)
+    cfg = method_config(method.name, method.params)
+    set_seed(train.seed)
+    ctx = PlanContext(
+        stage=stage,
+        seed=train.seed,
+        train_dataset=dataset,
+        tokenizer=tokenizer,
+        train_cfg=train,
+        train_phase=_train_phase(train, work_dir, tokenizer, max_length),
+    )
+    plan = module.plan(model, cfg, ctx)
+    target, handles = apply_plan(model, plan)
+    args = sft_config(train, work_dir, max_length)
+    optimizer = plan.optimizer_factory(target, train) if plan.optimizer_factory else None
+    trainer = SFTTrainer(
+        model=target,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+        data_collator=data_collator,
+        callbacks=[*plan.callbacks, *(callbacks or [])],
+    )
+    checkpoint = _latest_checkpoint(work_dir) if resume else None
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    opt = trainer.optimizer
+    state_bytes = optimizer_state_bytes(getattr(opt, "optimizer", opt))
+    target.eval()
+    return TrainResult(
+        model=target,
+        trainable_params=trainable_count(model, plan),
+        optimizer_state_bytes=state_bytes,
+        train_seconds=seconds,
+        steps=trainer.state.global_step,
+        log_history=list(trainer.state.log_history),
+        plan_info=plan.info,
+        finalize=plan.finalize,
+    )
+
+
+def _latest_checkpoint(work_dir: Path) -> str | None:
+    found = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(found[-1]) if found else None
