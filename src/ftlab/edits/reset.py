@@ -1,0 +1,168 @@
+"""Reset part of a fine-tune to the base weights (the rest keeps its fine-tuned values).
+
+``how`` chooses the part, a ``fraction`` of the parameters:
+- ``random``: in every tensor, exactly round(fraction·numel) entries drawn uniformly (seeded);
+- ``smallest``: the entries with the smallest |θ_ft − θ0| over the whole model (ties at the threshold are reset
+  together), which keeps the largest changes;
+- ``layers``: whole units from the input side (``order="bottom"``) or the output side (``"top"``); the units are
+  the embeddings, each block, then the other non-block keys (final norm, head), round(fraction·units) of them.
+
+``half_reset`` is the HFT "half-reset" observation (METHODS.md section 13a; Hui et al., arXiv 2404.18466): per
+block, copy back from the base half of each category (attention 2 of 4 matrices, norms 1 of 2; the MLP's 3
+matrices: 1 in one half of the blocks and 2 in the other, the extra block of an odd count resetting 1, as the SSU
+reimplementation does); embeddings and head keep their fine-tuned values. Categories are found by module name
+(``attn``/``attention``, ``mlp``/``ffn``/``feed_forward``, ``norm``/``ln``); biases follow their matrix.
+Reset entries are the base values bit for bit, and fraction 1 returns the base state dict exactly.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ftlab.edits._keys import StateDict, block_prefix, check_compatible, is_embedding, layer_map
+
+NAME = "reset"
+HOWS = ("random", "smallest", "layers")
+
+
+def apply(
+    base_sd: StateDict, tuned_sd: StateDict, fraction: float, how: str = "random", seed: int = 0,
+    order: str = "bottom",
+) -> StateDict:
+    """Copy a ``fraction`` of the parameters back from the base.
+
+    Args:
+        base_sd: base weights, fp32.
+        tuned_sd: fine-tuned weights, same keys and shapes.
+        fraction: share of parameters to reset, in [0, 1].
+        how: ``random``, ``smallest`` or ``layers`` (see the module docstring).
+        seed: random seed for ``how="random"``.
+        order: for ``how="layers"``, reset from the input side (``bottom``) or the output side (``top``).
+
+    Returns:
+        A new state dict.
+    """
+    check_compatible(base_sd, tuned_sd)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if how not in HOWS:
+        raise ValueError(f"unknown reset how={how!r}; choose from {', '.join(HOWS)}")
+    if how == "random":
+        masks = _random_masks(base_sd, fraction, seed)
+    elif how == "smallest":
+        masks = _smallest_masks(base_sd, tuned_sd, fraction)
+    else:
+        if order not in ("bottom", "top"):
+            raise ValueError(f"order must be 'bottom' or 'top', got {order!r}")
+        chosen = set(_layer_units(list(base_sd), fraction, order))
+        masks = {k: k in chosen for k in base_sd}
+    return _combine(base_sd, tuned_sd, masks)
+
+
+def half_reset(base_sd: StateDict, tuned_sd: StateDict, seed: int = 0) -> StateDict:
+    """HFT-style half-reset: copy half of each block's modules back from the base (module docstring).
+
+    Args:
+        base_sd: base weights, fp32.
+        tuned_sd: fine-tuned weights, same keys and shapes.
+        seed: seed of the random choice of modules.
+
+    Returns:
+        A new state dict.
+    """
+    check_compatible(base_sd, tuned_sd)
+    chosen = half_reset_keys(list(base_sd), seed)
+    return _combine(base_sd, tuned_sd, {k: k in chosen for k in base_sd})
+
+
+def half_reset_keys(keys: list[str], seed: int = 0) -> set[str]:
+    """Keys that ``half_reset`` copies back from the base."""
+    layers, n = layer_map(keys)
+    prefix = block_prefix(keys)
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    # For an odd-sized category, the first ceil(n/2) shuffled blocks reset the smaller half.
+    small_half = set(order[: (n + 1) // 2])
+    chosen: set[str] = set()
+    for ell in range(n):
+        modules: dict[str, list[str]] = {}
+        for k, i in layers.items():
+            if i == ell:
+                sub = k[len(f"{prefix}.{ell}.") :].rsplit(".", 1)[0]
+                modules.setdefault(sub, []).append(k)
+        for cat in ("attention", "mlp", "norm"):
+            subs = sorted(s for s in modules if _category(s) == cat)
+            m = len(subs)
+            take = m // 2 if (m % 2 == 0 or ell in small_half) else (m + 1) // 2
+            for s in rng.sample(subs, take):
+                chosen.update(modules[s])
+    return chosen
+
+
+def _category(sub: str) -> str | None:
+    last = sub.split(".")[-1]
+    if "norm" in last or last.startswith("ln"):
+        return "norm"
+    if "attn" in sub or "attention" in sub:
+        return "attention"
+    if "mlp" in sub or "ffn" in sub or "feed_forward" in sub:
+        return "mlp"
+    return None
+
+
+def _combine(base_sd: StateDict, tuned_sd: StateDict, masks: dict[str, torch.Tensor | bool]) -> StateDict:
+    out = {}
+    for k, b in base_sd.items():
+        m = masks[k]
+        if isinstance(m, bool):
+            out[k] = (b if m else tuned_sd[k]).clone()
+        else:
+            out[k] = torch.where(m, b, tuned_sd[k])
+    return out
+
+
+def _random_masks(base_sd: StateDict, fraction: float, seed: int) -> dict[str, torch.Tensor | bool]:
+    gen = torch.Generator().manual_seed(seed)
+    masks: dict[str, torch.Tensor | bool] = {}
+    for k in sorted(base_sd):
+        n = base_sd[k].numel()
+        take = round(fraction * n)
+        if take in (0, n):
+            masks[k] = take == n and n > 0
+            continue
+        flat = torch.zeros(n, dtype=torch.bool)
+        flat[torch.randperm(n, generator=gen)[:take]] = True
+        masks[k] = flat.view(base_sd[k].shape)
+    return masks
+
+
+def _smallest_masks(base_sd: StateDict, tuned_sd: StateDict, fraction: float) -> dict[str, torch.Tensor | bool]:
+    floats = [k for k, b in base_sd.items() if b.is_floating_point()]
+    total = sum(base_sd[k].numel() for k in floats)
+    take = round(fraction * total)
+    if take in (0, total):
+        return {k: take == total for k in base_sd}
+    mags = torch.cat([(tuned_sd[k] - base_sd[k]).abs().flatten() for k in floats])
+    threshold = torch.kthvalue(mags, take).values
+    del mags
+    masks: dict[str, torch.Tensor | bool] = {k: False for k in base_sd}
+    for k in floats:
+        masks[k] = (tuned_sd[k] - base_sd[k]).abs() <= threshold
+    return masks
+
+
+def _layer_units(keys: list[str], fraction: float, order: str) -> list[str]:
+    """Keys of the first round(fraction·units) units, units being [embeddings, block 0..L-1, other non-block]."""
+    layers, n = layer_map(keys)
+    embeds = [k for k, i in layers.items() if i is None and is_embedding(k)]
+    others = [k for k, i in layers.items() if i is None and not is_embedding(k)]
+    units = [embeds] if embeds else []
+    units += [[k for k, i in layers.items() if i == ell] for ell in range(n)]
+    units += [others] if others else []
+    if order == "top":
+        units = units[::-1]
+    take = round(fraction * len(units))
+    return [k for unit in units[:take] for k in unit]
