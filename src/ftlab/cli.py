@@ -40,6 +40,51 @@ def train(
     typer.echo(f"saved to {out}")
 
 
+@app.command("run")
+def run_cmd(
+    experiment: Path = typer.Argument(..., help="Experiment YAML (see examples/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.max_steps=20 (repeatable)."),
+    out: str | None = typer.Option(None, "--out", help="Output folder (default: the config's `out`)."),
+    store: Path | None = typer.Option(None, "--store", help="SQLite store (default: $FTLAB_STORE or ~/.local/share)."),
+) -> None:
+    """Fine-tune one base with several methods (arms) over one or more stages; evaluate, store, summarise."""
+    from ftlab.experiment import load_experiment
+    from ftlab.runner import print_table, run_experiment
+    from ftlab.store import Store
+
+    with _clear_errors():
+        cfg = load_experiment(experiment, set_ + ([f"out={out}"] if out else []))
+        summary = run_experiment(cfg, Store(store))
+    print_table(summary)
+    typer.echo(f"summary: {Path(cfg.out) / 'summary.json'}")
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("out/demo", "--out", help="Output folder."),
+    steps: int = typer.Option(60, "--steps", help="Optimizer steps per arm."),
+    store: Path | None = typer.Option(None, "--store", help="SQLite store (default: $FTLAB_STORE or ~/.local/share)."),
+) -> None:
+    """The embedded SmolLM2-135M-Instruct learns invented capitals with every method; prints a table and a report."""
+    from ftlab.demo import demo_config
+    from ftlab.runner import print_table, run_experiment
+    from ftlab.store import Store
+
+    with _clear_errors():
+        cfg = demo_config(out, steps)
+        st = Store(store)
+        summary = run_experiment(cfg, st)
+    print_table(summary)
+    try:
+        from ftlab.report import render_report
+
+        page = render_report(st, summary["run_id"], Path(out) / "report.html")
+        typer.echo(f"report: {page}")
+    except ImportError:
+        typer.echo("report: not available (ftlab.report missing)")
+    typer.echo(f"summary: {Path(out) / 'summary.json'}")
+
+
 class _clear_errors:
     """Turn ftlab's own input errors into a one-line message and exit code 2, instead of a traceback."""
 

@@ -1,0 +1,276 @@
+"""Run an experiment: evaluate the base once, train every arm through every stage, evaluate, sweep repairs, summarise.
+
+Run it with ``ftlab run EXPERIMENT.yaml [--set key=value] [--out DIR]``, or from Python with
+``run_experiment(load_experiment(path))``. Multi-GPU: ``accelerate launch -m ftlab.cli run EXPERIMENT.yaml`` runs
+the same code; the trainers are accelerate-aware and only the main process writes the store and the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from ftlab.data import load_records, sft_dataset
+from ftlab.data.sources import resolve_train_data
+from ftlab.experiment import (
+    ArmConfig,
+    ExperimentConfig,
+    StageConfig,
+    _git_sha,
+    _versions,
+    all_suites,
+    arm_dir,
+    clean_work,
+    run_id_for,
+    stage_model_dir,
+    sweep_points,
+    train_config,
+)
+from ftlab.models import load_model, save_model, state_dict_fp32
+from ftlab.store import Store
+
+console = Console(stderr=True)
+
+
+class Evaluator:
+    """Loads each suite once and scores models on it, writing results and items to the store."""
+
+    def __init__(self, cfg: ExperimentConfig, store: Store, run_id: str) -> None:
+        from ftlab.evals import load_suite
+
+        self.cfg, self.store, self.run_id = cfg, store, run_id
+        self.targets, self.retained = all_suites(cfg)
+        self.suites = {}
+        for name in self.targets + self.retained:
+            limit = cfg.eval.limits.get(name, cfg.eval.limit)
+            self.suites[name] = load_suite(name, limit=limit)
+
+    def missing(self, arm: str, stage: int, names: list[str]) -> list[str]:
+        return [s for s in names if not self.store.has_result(self.run_id, arm, stage, s)]
+
+    def run(self, model: Any, tokenizer: Any, arm: str, stage: int, names: list[str]) -> None:
+        from ftlab.evals import evaluate
+
+        for name in self.missing(arm, stage, names):
+            result = evaluate(model, tokenizer, self.suites[name], batch_size=self.cfg.eval.batch_size)
+            role = "target" if name in self.targets else "retained"
+            self.store.add_result(self.run_id, arm, stage, role, result)
+            console.print(f"  [dim]{arm} stage {stage}[/] {name}: {result.metric} = {result.score:.3f}")
+
+
+def stage_records(stage: StageConfig) -> tuple[list[dict], str]:
+    return load_records(resolve_train_data(stage.data), stage.format, stage.limit)
+
+
+def train_stage(
+    model: Any, tokenizer: Any, cfg: ExperimentConfig, stage: StageConfig, arm: ArmConfig, t: int, work: Path
+) -> Any:
+    """Train one arm through one stage with the stage's trainer; returns a TrainResult."""
+    records, fmt = stage_records(stage)
+    train = train_config(cfg, stage, arm)
+    if stage.trainer == "sft":
+        from ftlab.train.sft import train_sft
+
+        dataset = sft_dataset(records, fmt, tokenizer, stage.max_length)
+        return train_sft(
+            model, tokenizer, dataset, arm.method, train, work, stage=t - 1, max_length=stage.max_length, resume=True
+        )
+    if stage.trainer == "grpo":
+        from ftlab.train.grpo import GRPOSettings, train_grpo
+
+        settings = GRPOSettings(**stage.settings)
+        return train_grpo(model, tokenizer, records, arm.method, train, work, grpo=settings, stage=t - 1)
+    from ftlab.train.dpo import DPOSettings, train_dpo
+
+    settings = DPOSettings(**stage.settings)
+    return train_dpo(model, tokenizer, records, arm.method, train, work, dpo=settings, stage=t - 1)
+
+
+def run_arm(cfg: ExperimentConfig, arm: ArmConfig, store: Store, run_id: str, ev: Evaluator, out: Path) -> None:
+    """All stages of one arm, then its repair sweep; finished work is skipped."""
+    n = len(cfg.stages)
+    store.add_arm(run_id, arm.name, "train", arm.method.name, None, {"method": vars(arm.method), "train": arm.train})
+    model = tokenizer = None
+    for t, stage in enumerate(cfg.stages, start=1):
+        model_dir = stage_model_dir(out, arm.name, t, n)
+        done = store.stage_done(run_id, arm.name, t) and (model_dir / "config.json").exists()
+        eval_names = ev.targets + ev.retained
+        needs_model = not done or ev.missing(arm.name, t, eval_names) or (t == n and arm.post)
+        next_needs = t < n and not store.stage_done(run_id, arm.name, t + 1)
+        if done:
+            if needs_model or next_needs:
+                model, tokenizer = load_model(model_dir)
+            else:
+                model = None
+        else:
+            if model is None:
+                prev = cfg.base if t == 1 else stage_model_dir(out, arm.name, t - 1, n)
+                model, tokenizer = load_model(prev)
+            console.print(f"[bold]{arm.name}[/]: training stage {t} ({stage.name}, {stage.trainer})")
+            work = arm_dir(out, arm.name) / f"stage-{t}.work"
+            result = train_stage(model, tokenizer, cfg, stage, arm, t, work)
+            model = result.final_model()
+            save_model(model, tokenizer, model_dir)
+            clean_work(work)
+            store.finish_stage(
+                run_id, arm.name, t, stage.name,
+                train_seconds=result.train_seconds, trainable_params=result.trainable_params,
+                optimizer_state_bytes=result.optimizer_state_bytes, steps=result.steps,
+                model_path=str(model_dir), info=result.plan_info,
+            )  # fmt: skip
+        if model is not None:
+            ev.run(model, tokenizer, arm.name, t, eval_names)
+    store.add_artifact(run_id, arm.name, "model", str(stage_model_dir(out, arm.name, n, n)))
+    if arm.post and model is not None:
+        run_sweep(cfg, arm, store, run_id, ev, model, tokenizer)
+
+
+def run_sweep(
+    cfg: ExperimentConfig, arm: ArmConfig, store: Store, run_id: str, ev: Evaluator, model: Any, tokenizer: Any
+) -> None:
+    """Score each repair point of an arm's final model; weight edits are applied in place and undone after."""
+    from ftlab.edits import apply_edit
+
+    n = len(cfg.stages)
+    names = ev.targets + ev.retained
+    points = [p for p in sweep_points(arm) if ev.missing(p[0], n, names)]
+    if not points:
+        return
+    base_model, _ = load_model(cfg.base)
+    base_sd = state_dict_fp32(base_model)
+    tuned_sd = state_dict_fp32(model)
+    for name, edit, settings in points:
+        store.add_arm(run_id, name, "edit", edit, arm.name, {"edit": edit, "settings": settings})
+        console.print(f"[bold]{name}[/]: repair point")
+        if edit == "tuco":
+            from ftlab.edits import TuCoModel
+
+            ev.run(TuCoModel(base_model, model, **settings), tokenizer, name, n, names)
+            continue
+        edited = apply_edit(edit, base_sd, tuned_sd, **settings)
+        model.load_state_dict(edited, strict=False)
+        ev.run(model, tokenizer, name, n, names)
+    model.load_state_dict(tuned_sd, strict=False)
+    del base_model
+
+
+def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[str, Any]:
+    """Run (or resume) an experiment; returns the summary that is also written to ``<out>/summary.json``.
+
+    Args:
+        cfg: a validated experiment config.
+        store: the store to write (default: ``Store()``, i.e. ``$FTLAB_STORE`` or ``~/.local/share/ftlab``).
+
+    Returns:
+        The summary dict (see ``summarise``).
+    """
+    torch.manual_seed(cfg.seed)
+    store = store or Store()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = run_id_for(cfg)
+    from ftlab.config import to_dict
+
+    store.start_run(run_id, cfg.name, str(out.resolve()), to_dict(cfg), cfg.seed, _git_sha(), _versions())
+    console.print(f"run [bold]{run_id}[/] -> {out}  (store {store.path})")
+    ev = Evaluator(cfg, store, run_id)
+    store.add_arm(run_id, "base", "base", "none", None, {"model": cfg.base})
+    if ev.missing("base", 0, ev.targets + ev.retained):
+        base, tok = load_model(cfg.base)
+        console.print("[bold]base[/]: evaluating once for every arm")
+        ev.run(base, tok, "base", 0, ev.targets + ev.retained)
+        del base
+    for arm in cfg.arms:
+        run_arm(cfg, arm, store, run_id, ev, out)
+    summary = summarise(store, run_id)
+    write_json(out / "summary.json", summary)
+    store.finish_run(run_id)
+    return summary
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def summarise(store: Store, run_id: str) -> dict[str, Any]:
+    """The run's figures from the store.
+
+    ``{"run_id", "base": {suite: score}, "arms": {arm: {"stages": [{suite: score}], "target_gain",
+    "retained": {suite: ratio}, "train_seconds", "trainable_params", "kind", "parent"}}}``; continual runs (two or
+    more stages) add ``"matrix"`` (R, rows 0..T over the stages' targets) and ``"continual"`` (acc, bwt, fwt,
+    forgetting) per trained arm. Target gain is the mean over all target suites of final minus base score;
+    retained is final/base per retained suite (base/final for perplexity).
+    """
+    from ftlab.evals.forgetting import continual_metrics, retained_ratio, target_gain
+
+    run = store.run(run_id)
+    cfg = json.loads(run["config"])
+    n = len(cfg["stages"])
+    rows = store.results(run_id)
+    score: dict[tuple[str, int], dict[str, dict]] = {}
+    for r in rows:
+        score.setdefault((r["arm"], r["stage"]), {})[r["suite"]] = r
+    base = {s: r["score"] for s, r in score.get(("base", 0), {}).items()}
+    stage_targets = [st.get("targets", []) for st in cfg["stages"]]
+    summary: dict[str, Any] = {"run_id": run_id, "name": run["name"], "base": base, "arms": {}}
+    for arm in store.arms(run_id):
+        if arm["kind"] == "base":
+            continue
+        name = arm["arm"]
+        trained = arm["parent"] or name
+        stages = store.stages(run_id, trained)
+        first = 1 if arm["kind"] == "train" else n
+        per_stage = [{s: r["score"] for s, r in score.get((name, t), {}).items()} for t in range(first, n + 1)]
+        final = score.get((name, n), {})
+        gains = [target_gain(base[s], final[s]["score"]) for st in stage_targets for s in st if s in final and s in base]
+        retained = {
+            s: retained_ratio(base[s], r["score"], bool(r["higher_is_better"]))
+            for s, r in final.items()
+            if r["role"] == "retained" and s in base
+        }
+        entry = {
+            "kind": arm["kind"],
+            "parent": arm["parent"],
+            "stages": per_stage,
+            "target_gain": sum(gains) / len(gains) if gains else None,
+            "retained": retained,
+            "train_seconds": sum(s["train_seconds"] or 0.0 for s in stages),
+            "trainable_params": max((s["trainable_params"] or 0 for s in stages), default=0),
+        }
+        if arm["kind"] == "train" and n >= 2:
+            tasks = [st[0] for st in stage_targets if st]
+            if len(tasks) == n:
+                matrix = [[score.get((name if t else "base", t), {}).get(s, {}).get("score") for s in tasks]
+                          for t in range(n + 1)]  # fmt: skip
+                if all(v is not None for row in matrix for v in row):
+                    entry["matrix"] = {"tasks": tasks, "R": matrix}
+                    entry["continual"] = continual_metrics(matrix)
+        summary["arms"][name] = entry
+    return summary
+
+
+def print_table(summary: dict[str, Any], file: Any = None) -> None:
+    """A rich table of gain and retained ratios per arm."""
+    from rich.table import Table
+
+    table = Table(title=f"run {summary['run_id']}: target gain vs retained (1.0 = unchanged)")
+    suites = sorted({s for a in summary["arms"].values() for s in a["retained"]})
+    table.add_column("arm")
+    table.add_column("target gain", justify="right")
+    for s in suites:
+        table.add_column(s, justify="right")
+    table.add_column("train s", justify="right")
+    table.add_column("trainable", justify="right")
+    for name, a in summary["arms"].items():
+        gain = "-" if a["target_gain"] is None else f"{a['target_gain']:+.3f}"
+        cells = [f"{a['retained'][s]:.3f}" if s in a["retained"] else "-" for s in suites]
+        table.add_row(name, gain, *cells, f"{a['train_seconds']:.0f}", f"{a['trainable_params']:,}")
+    Console(file=file or sys.stdout, width=200).print(table)

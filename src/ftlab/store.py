@@ -1,0 +1,232 @@
+"""The SQLite store: the only module that touches the database (stdlib sqlite3, WAL mode, versioned schema).
+
+Tables (one row each):
+
+- ``runs``: a run of an experiment (config as JSON, out dir, git SHA, package versions, seed, status);
+- ``arms``: a method compared in the run, or a repair point derived from one (``kind`` = train | edit | base);
+- ``stages``: one training stage of one arm (status, seconds, trainable params, saved model path);
+- ``results``: a suite score of one arm after one stage (stage 0 is the base model, arm ``base``);
+- ``items``: the per-item answers and scores behind a result, so "which items flipped" is a query;
+- ``artifacts``: files a run wrote (models, reports).
+
+Writers use short transactions with a busy timeout, and every insert is keyed so that a resumed or repeated write
+replaces its row instead of duplicating it; two processes can write the same store at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# MIGRATIONS[i] takes the schema from version i to i + 1; append, never edit, when the schema changes.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY, name TEXT, out_dir TEXT, config TEXT, created REAL, finished REAL,
+        status TEXT, git_sha TEXT, versions TEXT, seed INTEGER
+    );
+    CREATE TABLE arms (
+        run_id TEXT, arm TEXT, kind TEXT, method TEXT, parent TEXT, config TEXT,
+        PRIMARY KEY (run_id, arm)
+    );
+    CREATE TABLE stages (
+        run_id TEXT, arm TEXT, stage INTEGER, name TEXT, status TEXT, train_seconds REAL,
+        trainable_params INTEGER, optimizer_state_bytes INTEGER, steps INTEGER, model_path TEXT, info TEXT,
+        finished REAL, PRIMARY KEY (run_id, arm, stage)
+    );
+    CREATE TABLE results (
+        run_id TEXT, arm TEXT, stage INTEGER, suite TEXT, role TEXT, metric TEXT, score REAL, n INTEGER,
+        stderr REAL, higher_is_better INTEGER, PRIMARY KEY (run_id, arm, stage, suite)
+    );
+    CREATE TABLE items (
+        run_id TEXT, arm TEXT, stage INTEGER, suite TEXT, item_id TEXT, prompt TEXT, output TEXT,
+        reference TEXT, score REAL, PRIMARY KEY (run_id, arm, stage, suite, item_id)
+    );
+    CREATE TABLE artifacts (
+        run_id TEXT, arm TEXT, kind TEXT, path TEXT, PRIMARY KEY (run_id, arm, kind)
+    );
+    """,
+]
+
+
+def default_store_path() -> Path:
+    """``$FTLAB_STORE``, else ``~/.local/share/ftlab/ftlab.db``."""
+    env = os.environ.get("FTLAB_STORE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "ftlab" / "ftlab.db"
+
+
+class Store:
+    """A handle on one SQLite file; cheap to create, safe to share between processes."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else default_store_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            self._migrate(con)
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA busy_timeout=60000")
+        return con
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+
+    def _migrate(self, con: sqlite3.Connection) -> None:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: schema version {version} is newer than this ftlab ({SCHEMA_VERSION})")
+            for step in MIGRATIONS[version:]:
+                for statement in step.split(";"):
+                    if statement.strip():
+                        con.execute(statement)
+            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        with self._connect() as con:
+            return con.execute("PRAGMA user_version").fetchone()[0]
+
+    # ------------------------------------------------------------------ writes
+    def start_run(self, run_id: str, name: str, out_dir: str, config: dict, seed: int, git_sha: str, versions: dict):
+        """Create the run row, or mark an existing one as running again (resume)."""
+        with self._tx() as con:
+            con.execute(
+                "INSERT INTO runs (run_id, name, out_dir, config, created, status, git_sha, versions, seed) "
+                "VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?) "
+                "ON CONFLICT(run_id) DO UPDATE SET status='running'",
+                (run_id, name, out_dir, json.dumps(config), time.time(), git_sha, json.dumps(versions), seed),
+            )
+
+    def finish_run(self, run_id: str, status: str = "done") -> None:
+        with self._tx() as con:
+            con.execute("UPDATE runs SET status=?, finished=? WHERE run_id=?", (status, time.time(), run_id))
+
+    def add_arm(self, run_id: str, arm: str, kind: str, method: str, parent: str | None, config: dict) -> None:
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO arms VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, arm, kind, method, parent, json.dumps(config)),
+            )
+
+    def finish_stage(self, run_id: str, arm: str, stage: int, name: str, **fields: Any) -> None:
+        """Record a finished stage (train_seconds, trainable_params, optimizer_state_bytes, steps, model_path, info)."""
+        info = json.dumps(fields.get("info", {}), default=str)
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id, arm, stage, name, fields.get("train_seconds"), fields.get("trainable_params"),
+                    fields.get("optimizer_state_bytes"), fields.get("steps"), fields.get("model_path"), info,
+                    time.time(),
+                ),
+            )  # fmt: skip
+
+    def add_result(self, run_id: str, arm: str, stage: int, role: str, result: Any) -> None:
+        """Store a SuiteResult and its items in one transaction (replacing an earlier copy)."""
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id, arm, stage, result.suite, role, result.metric, float(result.score), result.n,
+                    float(result.stderr), int(result.higher_is_better),
+                ),
+            )  # fmt: skip
+            con.execute("DELETE FROM items WHERE run_id=? AND arm=? AND stage=? AND suite=?", (run_id, arm, stage, result.suite))
+            con.executemany(
+                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (run_id, arm, stage, result.suite, str(it.item_id), it.prompt, it.output, str(it.reference), float(it.score))
+                    for it in result.items
+                ],
+            )
+
+    def add_artifact(self, run_id: str, arm: str, kind: str, path: str) -> None:
+        with self._tx() as con:
+            con.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)", (run_id, arm, kind, str(path)))
+
+    # ------------------------------------------------------------------ reads
+    def _rows(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        con = self._connect()
+        try:
+            return [dict(r) for r in con.execute(sql, args).fetchall()]
+        finally:
+            con.close()
+
+    def runs(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM runs ORDER BY created DESC")
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """One run; ``run_id`` may be a unique prefix."""
+        rows = self._rows("SELECT * FROM runs WHERE run_id LIKE ? ORDER BY created DESC", (run_id + "%",))
+        if len(rows) > 1 and not any(r["run_id"] == run_id for r in rows):
+            raise KeyError(f"run id prefix {run_id!r} is ambiguous: {', '.join(r['run_id'] for r in rows)}")
+        rows = [r for r in rows if r["run_id"] == run_id] or rows
+        return rows[0] if rows else None
+
+    def arms(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM arms WHERE run_id=? ORDER BY rowid", (run_id,))
+
+    def stages(self, run_id: str, arm: str | None = None) -> list[dict[str, Any]]:
+        if arm is None:
+            return self._rows("SELECT * FROM stages WHERE run_id=? ORDER BY arm, stage", (run_id,))
+        return self._rows("SELECT * FROM stages WHERE run_id=? AND arm=? ORDER BY stage", (run_id, arm))
+
+    def stage_done(self, run_id: str, arm: str, stage: int) -> dict[str, Any] | None:
+        rows = self._rows(
+            "SELECT * FROM stages WHERE run_id=? AND arm=? AND stage=? AND status='done'", (run_id, arm, stage)
+        )
+        return rows[0] if rows else None
+
+    def results(self, run_id: str, arm: str | None = None) -> list[dict[str, Any]]:
+        if arm is None:
+            return self._rows("SELECT * FROM results WHERE run_id=? ORDER BY arm, stage, suite", (run_id,))
+        return self._rows("SELECT * FROM results WHERE run_id=? AND arm=? ORDER BY stage, suite", (run_id, arm))
+
+    def has_result(self, run_id: str, arm: str, stage: int, suite: str) -> bool:
+        rows = self._rows(
+            "SELECT 1 FROM results WHERE run_id=? AND arm=? AND stage=? AND suite=?", (run_id, arm, stage, suite)
+        )
+        return bool(rows)
+
+    def items(self, run_id: str, arm: str, stage: int, suite: str) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT * FROM items WHERE run_id=? AND arm=? AND stage=? AND suite=? ORDER BY item_id",
+            (run_id, arm, stage, suite),
+        )
+
+    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM artifacts WHERE run_id=?", (run_id,))
+
+    def count(self, table: str, run_id: str) -> int:
+        if table not in ("arms", "stages", "results", "items", "artifacts"):
+            raise ValueError(table)
+        return self._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE run_id=?", (run_id,))[0]["n"]
