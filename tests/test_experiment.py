@@ -1,0 +1,157 @@
+"""`ftlab run` on the tiny model: two arms, two stages, a store, resume after a kill, and the summary figures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+from ftlab.experiment import load_experiment, sweep_points
+from ftlab.runner import run_experiment
+from ftlab.store import Store
+
+TEXT = "The river runs to the sea. The sea is wide and blue. Boats sail on the sea every day.\n" * 3
+
+
+def make_experiment(tmp_path: Path, out: str, steps2: int = 30) -> Path:
+    a = [{"prompt": f"Capital of Aland{i}?", "completion": f"Ax{i}"} for i in range(8)]
+    b = [{"prompt": f"Capital of Bland{i}?", "completion": f"Bx{i}"} for i in range(8)]
+    write_jsonl(tmp_path / "a.jsonl", a)
+    write_jsonl(tmp_path / "b.jsonl", b)
+    write_jsonl(tmp_path / "a_test.jsonl", [{"prompt": r["prompt"], "answer": r["completion"]} for r in a])
+    write_jsonl(tmp_path / "b_test.jsonl", [{"prompt": r["prompt"], "answer": r["completion"]} for r in b])
+    (tmp_path / "text.txt").write_text(TEXT)
+    cfg = f"""
+name: tiny
+base: tiny-test
+out: {out}
+train: {{lr: 0.003, max_steps: 6, batch_size: 4, save_steps: 3, logging_steps: 3}}
+stages:
+  - {{name: a, data: {tmp_path / 'a.jsonl'}, targets: [{tmp_path / 'a_test.jsonl'}]}}
+  - {{name: b, data: {tmp_path / 'b.jsonl'}, targets: [{tmp_path / 'b_test.jsonl'}], train: {{max_steps: {steps2}}}}}
+retained: [{tmp_path / 'text.txt'}]
+arms:
+  - {{name: full, method: {{name: full}}, post: {{scale: [0.0, 1.0]}}}}
+  - {{name: lora, method: {{name: lora, params: {{r: 4}}}}, train: {{lr: 0.01}}}}
+eval: {{batch_size: 8}}
+"""
+    path = tmp_path / "exp.yaml"
+    path.write_text(cfg)
+    return path
+
+
+def strip(summary: dict) -> dict:
+    """The figures only (the run id differs between output folders)."""
+    out = {"base": summary["base"], "arms": {}}
+    for name, arm in summary["arms"].items():
+        out["arms"][name] = {k: v for k, v in arm.items() if k != "train_seconds"}
+    return out
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    exp = make_experiment(tmp_path, str(tmp_path / "ref"))
+    ref = run_experiment(load_experiment(exp), Store(tmp_path / "ref.db"))
+
+    out = tmp_path / "killed"
+    db = tmp_path / "killed.db"
+    cmd = [sys.executable, "-m", "ftlab", "run", str(exp), "--out", str(out), "--store", str(db)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if list((out / "arms" / "full" / "stage-2.work").glob("checkpoint-*")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed in stage 2"
+    store = Store(db)
+    run_id = store.runs()[0]["run_id"]
+    assert store.stage_done(run_id, "full", 1) and not store.stage_done(run_id, "full", 2)
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run_id"] == run_id
+    assert _close(strip(summary), strip(ref))
+    # no duplicates: base + 2 arms x 2 stages + 2 repair points, each on 3 suites
+    assert store.count("results", run_id) == 3 + 2 * 2 * 3 + 2 * 3
+    assert store.count("stages", run_id) == 4
+
+
+def _close(a, b, tol=1e-6) -> bool:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (a.keys(), b.keys())
+        return all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        assert len(a) == len(b)
+        return all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= tol * max(1.0, abs(b)), (a, b)
+        return True
+    assert a == b, (a, b)
+    return True
+
+
+def test_summary_figures_and_repair_identities(tmp_path):
+    exp = make_experiment(tmp_path, str(tmp_path / "o"), steps2=6)
+    s = run_experiment(load_experiment(exp), Store(tmp_path / "s.db"))
+    full, lora = s["arms"]["full"], s["arms"]["lora"]
+    text = str(tmp_path / "text.txt")
+    assert len(full["stages"]) == 2 and set(full["retained"]) == {text}
+    # scale 0 is the base model exactly, scale 1 the tuned model exactly
+    assert s["arms"]["full+scale=0.0"]["retained"][text] == pytest.approx(1.0, abs=1e-9)
+    assert s["arms"]["full+scale=0.0"]["target_gain"] == pytest.approx(0.0, abs=1e-9)
+    assert s["arms"]["full+scale=1.0"]["retained"] == pytest.approx(full["retained"])
+    # retained for perplexity is before / after, computed from the stored scores
+    ppl_base = s["base"][text]
+    ppl_after = full["stages"][-1][text]
+    assert full["retained"][text] == pytest.approx(ppl_base / ppl_after)
+    assert full["trainable_params"] > lora["trainable_params"] > 0
+    assert "matrix" in full and len(full["matrix"]["R"]) == 3 and set(full["continual"]) >= {"acc", "bwt", "fwt"}
+    R = full["matrix"]["R"]
+    assert full["continual"]["acc"] == pytest.approx((R[2][0] + R[2][1]) / 2)
+    assert (tmp_path / "o" / "arms" / "lora" / "model" / "model.safetensors").exists()
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    from types import SimpleNamespace
+
+    db = tmp_path / "c.db"
+    Store(db).start_run("r", "x", "o", {}, 0, "", {})
+
+    def write(arm: str) -> None:
+        st = Store(db)
+        for i in range(40):
+            item = SimpleNamespace(item_id="1", prompt="p", output="o", reference="r", score=1.0)
+            res = SimpleNamespace(suite=f"s{i}", metric="acc", score=0.5, n=1, stderr=0.0, higher_is_better=True,
+                                  items=[item])  # fmt: skip
+            st.add_result("r", arm, 1, "target", res)
+
+    threads = [threading.Thread(target=write, args=(f"arm{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    st = Store(db)
+    assert st.count("results", "r") == 160 and st.count("items", "r") == 160
+    assert st.schema_version == 1
+
+
+def test_sweep_points_and_validation(tmp_path):
+    from ftlab.config import ConfigError
+    from ftlab.experiment import ArmConfig
+
+    arm = ArmConfig(name="full", post={"scale": [0.5, 0.7], "lines": {"alpha": [0.3]}})
+    assert [p[0] for p in sweep_points(arm)] == ["full+scale=0.5", "full+scale=0.7", "full+lines=0.3"]
+    exp = make_experiment(tmp_path, str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="arms"):
+        load_experiment(exp, ["arms=[]"])
+    with pytest.raises(ConfigError, match="unknown method"):
+        load_experiment(exp, ["arms=[{name: x, method: {name: nope}}]"])
