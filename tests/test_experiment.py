@@ -103,7 +103,7 @@ def test_summary_figures_and_repair_identities(tmp_path):
     exp = make_experiment(tmp_path, str(tmp_path / "o"), steps2=6)
     s = run_experiment(load_experiment(exp), Store(tmp_path / "s.db"))
     full, lora = s["arms"]["full"], s["arms"]["lora"]
-    text = str(tmp_path / "text.txt")
+    text = "text"  # a file suite is named by its stem
     assert len(full["stages"]) == 2 and set(full["retained"]) == {text}
     # scale 0 is the base model exactly, scale 1 the tuned model exactly
     assert s["arms"]["full+scale=0.0"]["retained"][text] == pytest.approx(1.0, abs=1e-9)

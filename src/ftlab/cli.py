@@ -100,3 +100,19 @@ class _clear_errors:
             typer.secho(f"error: {exc}", err=True, fg="red")
             raise typer.Exit(2)
         return False
+
+
+from ftlab.edits.cli import analyze_app, edit_app  # noqa: E402
+
+app.add_typer(edit_app, name="edit")
+app.add_typer(analyze_app, name="analyze")
+
+from ftlab.evals.cli import eval_cmd  # noqa: E402
+
+app.command("eval")(eval_cmd)
+
+from ftlab.report.cli import compare_cmd, report_cmd, runs_cmd  # noqa: E402
+
+app.command("report")(report_cmd)
+app.command("runs")(runs_cmd)
+app.command("compare")(compare_cmd)

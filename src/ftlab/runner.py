@@ -1,7 +1,7 @@
 """Run an experiment: evaluate the base once, train every arm through every stage, evaluate, sweep repairs, summarise.
 
 Run it with ``ftlab run EXPERIMENT.yaml [--set key=value] [--out DIR]``, or from Python with
-``run_experiment(load_experiment(path))``. Multi-GPU: ``accelerate launch -m ftlab.cli run EXPERIMENT.yaml`` runs
+``run_experiment(load_experiment(path))``. Multi-GPU: ``accelerate launch -m ftlab run EXPERIMENT.yaml`` runs
 the same code; the trainers are accelerate-aware and only the main process writes the store and the files.
 """
 
@@ -52,7 +52,7 @@ class Evaluator:
             self.suites[name] = load_suite(name, limit=limit)
 
     def missing(self, arm: str, stage: int, names: list[str]) -> list[str]:
-        return [s for s in names if not self.store.has_result(self.run_id, arm, stage, s)]
+        return [s for s in names if not self.store.has_result(self.run_id, arm, stage, self.suites[s].name)]
 
     def run(self, model: Any, tokenizer: Any, arm: str, stage: int, names: list[str]) -> None:
         from ftlab.evals import evaluate
@@ -177,9 +177,10 @@ def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[st
     run_id = run_id_for(cfg)
     from ftlab.config import to_dict
 
-    store.start_run(run_id, cfg.name, str(out.resolve()), to_dict(cfg), cfg.seed, _git_sha(), _versions())
+    ev = Evaluator(cfg, store, run_id)  # loads every suite first: a bad suite file fails before any training
+    config = {**to_dict(cfg), "suite_names": {ref: suite.name for ref, suite in ev.suites.items()}}
+    store.start_run(run_id, cfg.name, str(out.resolve()), config, cfg.seed, _git_sha(), _versions())
     console.print(f"run [bold]{run_id}[/] -> {out}  (store {store.path})")
-    ev = Evaluator(cfg, store, run_id)
     store.add_arm(run_id, "base", "base", "none", None, {"model": cfg.base})
     if ev.missing("base", 0, ev.targets + ev.retained):
         base, tok = load_model(cfg.base)
@@ -219,7 +220,8 @@ def summarise(store: Store, run_id: str) -> dict[str, Any]:
     for r in rows:
         score.setdefault((r["arm"], r["stage"]), {})[r["suite"]] = r
     base = {s: r["score"] for s, r in score.get(("base", 0), {}).items()}
-    stage_targets = [st.get("targets", []) for st in cfg["stages"]]
+    names = cfg.get("suite_names", {})  # the config names suites by reference; the store by suite name
+    stage_targets = [[names.get(s, s) for s in st.get("targets", [])] for st in cfg["stages"]]
     summary: dict[str, Any] = {"run_id": run_id, "name": run["name"], "base": base, "arms": {}}
     for arm in store.arms(run_id):
         if arm["kind"] == "base":

@@ -24,7 +24,10 @@ NAME = "lines"
 
 
 def layer_scales(
-    keys: list[str], alpha: float, beta: float | None = None, n_layers: int | None = None,
+    keys: list[str],
+    alpha: float,
+    beta: float | None = None,
+    n_layers: int | None = None,
     non_block_scale: float | None = None,
 ) -> dict[str, float]:
     """The LiNeS coefficient λ of every key.
@@ -53,7 +56,10 @@ def layer_scales(
 
 
 def scale_delta(
-    delta: StateDict, alpha: float, beta: float | None = None, n_layers: int | None = None,
+    delta: StateDict,
+    alpha: float,
+    beta: float | None = None,
+    n_layers: int | None = None,
     non_block_scale: float | None = None,
 ) -> StateDict:
     """Apply LiNeS to a task vector (e.g. a merged one): ``τ'_key = λ(key)·τ_key``.
@@ -73,7 +79,11 @@ def scale_delta(
 
 
 def apply(
-    base_sd: StateDict, tuned_sd: StateDict, alpha: float, beta: float | None = None, n_layers: int | None = None,
+    base_sd: StateDict,
+    tuned_sd: StateDict,
+    alpha: float,
+    beta: float | None = None,
+    n_layers: int | None = None,
     non_block_scale: float | None = None,
 ) -> StateDict:
     """Edited weights ``θ0 + λ(ℓ)·(θ_ft − θ0)`` for a single fine-tune.

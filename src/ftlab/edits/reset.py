@@ -28,7 +28,11 @@ HOWS = ("random", "smallest", "layers")
 
 
 def apply(
-    base_sd: StateDict, tuned_sd: StateDict, fraction: float, how: str = "random", seed: int = 0,
+    base_sd: StateDict,
+    tuned_sd: StateDict,
+    fraction: float,
+    how: str = "random",
+    seed: int = 0,
     order: str = "bottom",
 ) -> StateDict:
     """Copy a ``fraction`` of the parameters back from the base.

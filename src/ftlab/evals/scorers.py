@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 from ftlab.evals.rules import check_rules
 
 _ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[^\w\s]")
+# Any punctuation mark except a decimal point between digits ("3.5").
+_PUNCT = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s]")
 # A number: optional sign, digits with optional thousands separators, optional decimals or a fraction.
 _NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|[-+]?\.\d+")
 
@@ -42,9 +43,7 @@ def normalize(text: str) -> str:
     """
     text = unicodedata.normalize("NFKD", text)
     text = "".join(c for c in text if not unicodedata.combining(c)).lower()
-    # Keep decimal points inside numbers ("3.5") and drop every other punctuation mark.
-    text = re.sub(r"(?<=\d)\.(?=\d)", "\0", text)
-    text = _PUNCT.sub(" ", text.replace("_", " ")).replace("\0", ".")
+    text = _PUNCT.sub(" ", text.replace("_", " "))
     return " ".join(w for w in text.split() if w not in _ARTICLES)
 
 

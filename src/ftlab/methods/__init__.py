@@ -10,12 +10,17 @@ from types import ModuleType
 from typing import Any
 
 from ftlab.config import ConfigError, from_dict
-from ftlab.methods import full, lora
+from ftlab.methods import freeze, full, hft, lift, locft, lora, sparse
 from ftlab.methods.base import Plan, PlanContext, apply_plan, optimizer_state_bytes, trainable_count
 
 METHODS: dict[str, ModuleType] = {
     full.NAME: full,
     lora.NAME: lora,
+    hft.NAME: hft,
+    lift.NAME: lift,
+    sparse.NAME: sparse,
+    freeze.NAME: freeze,
+    locft.NAME: locft,
 }
 
 

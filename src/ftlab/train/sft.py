@@ -8,6 +8,7 @@ Run from Python::
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,5 +176,13 @@ def train_sft(
 
 
 def _latest_checkpoint(work_dir: Path) -> str | None:
-    found = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(found[-1]) if found else None
+    """Newest complete checkpoint: the trainer writes ``trainer_state.json`` last, so a run killed while saving
+    leaves a folder without it (or with it cut short), and the previous checkpoint is the one to resume from."""
+    found = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(path)
+    return None

@@ -1,0 +1,114 @@
+"""Post-hoc repairs of a fine-tune: weight edits as pure functions on state dicts, and decode-time composites.
+
+Weight edits (``EDITS``; each maps ``(base_sd, tuned_sd, **settings)`` to a new state dict of fp32 tensors):
+``scale`` (interpolate / extrapolate the delta), ``lines`` (LiNeS layer-increasing scaling), ``merge`` (task
+arithmetic, TIES; ``tuned_sd`` may be a list), ``reset`` (copy a fraction back from the base), ``half_reset``
+(HFT-style) and ``graft`` (apply a skill-localization mask; ``graft.localize`` learns one).
+Decode-time composites, callable like a model and scored by the evaluation runner: ``TuCoModel`` (scaled
+fine-tuning component) and ``EFTModel`` (emulated fine-tuning / up-scaling).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from ftlab.edits import graft, lines, merge, reset, scale
+from ftlab.edits._keys import StateDict, tied_aliases
+from ftlab.edits.eft import EFTModel
+from ftlab.edits.tuco import TuCoModel
+
+EDITS: dict[str, Callable[..., StateDict]] = {
+    "scale": scale.apply,
+    "lines": lines.apply,
+    "merge": merge.apply,
+    "reset": reset.apply,
+    "half_reset": reset.half_reset,
+    "graft": graft.apply,
+}
+
+
+def apply_edit(name: str, base_sd: StateDict, tuned_sd: StateDict | list[StateDict], **settings: Any) -> StateDict:
+    """Run the weight edit ``name`` on fp32 state dicts.
+
+    A head that is a tied copy of the input embedding (in base and every tuned state dict) is edited once, as the
+    embedding, and copied back, so the result can be loaded into a model with tied embeddings.
+
+    Args:
+        name: a key of ``EDITS``.
+        base_sd: base weights.
+        tuned_sd: fine-tuned weights (a list of them for ``merge``).
+        **settings: the edit's settings (``factor``; ``alpha``, ``beta``; ``fraction``, ``how``, ``seed``; ...).
+
+    Returns:
+        The edited state dict, with the same keys as ``base_sd``.
+    """
+    if name not in EDITS:
+        raise ValueError(f"unknown edit {name!r}; choose from {', '.join(EDITS)}")
+    tuned_list = tuned_sd if isinstance(tuned_sd, list) else [tuned_sd]
+    aliases = tied_aliases(base_sd, *tuned_list) if all(set(t) == set(base_sd) for t in tuned_list) else {}
+    if aliases:
+        base_sd = {k: v for k, v in base_sd.items() if k not in aliases}
+        tuned_list = [{k: v for k, v in t.items() if k not in aliases} for t in tuned_list]
+    if name == "graft" and aliases:
+        settings["mask"] = {k: v for k, v in settings["mask"].items() if k not in aliases}
+    out = EDITS[name](base_sd, tuned_list if isinstance(tuned_sd, list) else tuned_list[0], **settings)
+    for head, embed in aliases.items():
+        out[head] = out[embed].clone()
+    return out
+
+
+def edit_model(
+    base_model: PreTrainedModel, tuned_model: PreTrainedModel, name: str, inplace: bool = False, **settings: Any
+) -> PreTrainedModel:
+    """Apply a weight edit and return a model holding the result (a copy of the tuned model unless ``inplace``).
+
+    Args:
+        base_model: the base model.
+        tuned_model: the fine-tuned model (its config, tokenizer and tied-weight layout are kept).
+        name: a key of ``EDITS`` (``merge`` takes extra fine-tunes as ``others=[model, ...]``).
+        inplace: load the edited weights into ``tuned_model`` itself instead of a copy (saves memory).
+        **settings: the edit's settings.
+
+    Returns:
+        The edited model, in eval mode, on the tuned model's device and dtype.
+    """
+    from ftlab.models import state_dict_fp32
+
+    others = settings.pop("others", None)
+    base_sd, tuned_sd = state_dict_fp32(base_model), state_dict_fp32(tuned_model)
+    tuned_arg: StateDict | list[StateDict] = tuned_sd
+    if others:
+        tuned_arg = [tuned_sd, *[state_dict_fp32(m) for m in others]]
+    edited = apply_edit(name, base_sd, tuned_arg, **settings)
+    del base_sd, tuned_sd, tuned_arg
+    model = tuned_model if inplace else copy.deepcopy(tuned_model)
+    load_state_dict_into(model, edited)
+    return model.eval()
+
+
+def load_state_dict_into(model: PreTrainedModel, sd: StateDict) -> None:
+    """Copy ``sd`` into ``model`` (cast to each parameter's dtype); tied parameters must receive equal values."""
+    own = model.state_dict(keep_vars=True)
+    missing = sorted(set(own) - set(sd))
+    if missing:
+        raise ValueError(f"edited state dict lacks {missing[:5]}")
+    seen: dict[int, str] = {}
+    with torch.no_grad():
+        for k, target in own.items():
+            ptr = target.data_ptr()
+            if ptr in seen:
+                if not torch.equal(sd[k], sd[seen[ptr]]):
+                    raise ValueError(
+                        f"'{k}' is tied to '{seen[ptr]}' in the model but the edit gave them different values"
+                    )
+                continue
+            seen[ptr] = k
+            target.copy_(sd[k].to(target.dtype))
+
+
+__all__ = ["EDITS", "EFTModel", "TuCoModel", "apply_edit", "edit_model", "load_state_dict_into"]

@@ -1,0 +1,64 @@
+"""``ftlab eval``: score a model on one or more suites.
+
+Example::
+
+    ftlab eval --model smollm2-135m-instruct --suite world-facts --suite /path/ARC-Easy-Dev.jsonl --limit 200 --json
+
+With ``--json`` the last line of stdout is one JSON object ``{"model", "suites": {name: {"metric", "score", "n",
+"stderr"}}}``; progress bars and notes go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from ftlab.models import EMBEDDED_NAME
+
+
+def eval_cmd(
+    suite: list[str] = typer.Option(
+        ..., "--suite", "-s", help="Built-in suite name or a file/folder path (format detected); repeatable."
+    ),
+    model: str = typer.Option(
+        EMBEDDED_NAME, "--model", "-m", help="Hugging Face id, local folder, or smollm2-135m-instruct."
+    ),
+    scorer: str | None = typer.Option(
+        None, "--scorer", help="Scorer for file suites: contains, exact, numeric (prompt/answer JSONL), choice_norm."
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Score only the first N items of each suite."),
+    split: str = typer.Option("test", "--split", help="Split for fictional-capitals: train or test."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per batch."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Override the generation cap."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout."),
+) -> None:
+    """Score a model on evaluation suites."""
+    from ftlab.evals.runner import evaluate_many
+    from ftlab.evals.suites import load_suite
+    from ftlab.models import load_model
+
+    try:
+        suites = [load_suite(ref, scorer=scorer, limit=limit, split=split) for ref in suite]
+    except (ValueError, FileNotFoundError) as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(2) from None
+    names = [s.name for s in suites]
+    if len(set(names)) != len(names):
+        typer.echo(f"Error: two suites share a name: {names}", err=True)
+        raise typer.Exit(2)
+    lm, tok = load_model(model)
+    results = evaluate_many(lm, tok, suites, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=True)
+    if json_out:
+        payload = {"model": model, "suites": {name: r.to_dict() for name, r in results.items()}}
+        typer.echo(json.dumps(payload))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ftlab eval: {model}")
+    for col in ("suite", "metric", "score", "stderr", "n"):
+        table.add_column(col, justify="left" if col in ("suite", "metric") else "right")
+    for name, r in results.items():
+        table.add_row(name, r.metric, f"{r.score:.4f}", f"{r.stderr:.4f}", str(r.n))
+    Console().print(table)

@@ -1,0 +1,156 @@
+"""Log-likelihood scoring from forward logits: multiple choice and perplexity.
+
+Both work with a Hugging Face model or any logits callable (``model(input_ids=..., attention_mask=...).logits``),
+because they only need one forward pass per sequence. Sequences are padded on the **right**, so every token keeps
+its natural position whatever the model does with ``position_ids``.
+
+* Multiple choice (lm-evaluation-harness style): for each option, the summed log-probability of the continuation
+  ``" " + option`` after the context. ``choice`` picks the highest sum; ``choice_norm`` divides the sum by the
+  option's length in UTF-8 bytes first (lm-eval's ``acc_norm``). Context and continuation are tokenised separately
+  and concatenated, so the continuation tokens are exactly the option's. No chat template is used.
+* Perplexity: each text is tokenised with the tokenizer's default special tokens and cut into windows of at most
+  ``max_length`` tokens; each window after the first starts with the previous window's last token as context, so
+  every token but the very first is scored exactly once. Corpus perplexity is ``exp(sum NLL / sum tokens)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ftlab.evals.generation import _progress, is_hf_generator, model_device
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model,
+    seqs: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    batch_size: int = 16,
+    max_batch_tokens: int = 4096,
+    progress: bool = False,
+) -> list[torch.Tensor]:
+    """Log-probability of each token ``seq[start:]`` given the tokens before it.
+
+    Args:
+        model: a Hugging Face causal LM or a logits callable with ``.device``.
+        seqs: token id sequences.
+        starts: index of the first scored token in each sequence (>= 1).
+        batch_size: most sequences per forward.
+        max_batch_tokens: most padded tokens per forward (bounds the ``(B, T, V)`` logits in memory).
+        progress: show a progress bar on stderr.
+
+    Returns:
+        One float32 CPU tensor of shape ``(len(seq) - start,)`` per sequence, in input order.
+    """
+    for s, seq in zip(starts, seqs, strict=True):
+        if not 1 <= s <= len(seq):
+            raise ValueError(f"scored tokens must start at an index in 1..{len(seq)}, got {s}")
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    dev = model_device(model)
+    extra = {"use_cache": False} if is_hf_generator(model) else {}
+    bar = _progress(len(seqs), progress, "score")
+    i = 0
+    while i < len(order):
+        width = len(seqs[order[i]])
+        n = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
+        idx = order[i : i + n]
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, j in enumerate(idx):
+            ids[r, : len(seqs[j])] = torch.tensor(list(seqs[j]))
+            mask[r, : len(seqs[j])] = 1
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **extra).logits  # (B, T, V)
+        for r, j in enumerate(idx):
+            s, end = starts[j], len(seqs[j])
+            # Logits at position p predict token p + 1.
+            lp = logits[r, s - 1 : end - 1].float().log_softmax(-1)
+            out[j] = lp.gather(-1, ids[r, s:end].to(lp.device).unsqueeze(-1)).squeeze(-1).cpu()
+        del logits
+        bar.update(len(idx))
+        i += len(idx)
+    bar.close()
+    return out
+
+
+def _context_ids(tokenizer, context: str) -> list[int]:
+    ids = tokenizer(context)["input_ids"]
+    if not ids:  # an empty context still needs one token to condition on
+        ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+    return ids
+
+
+def choice_logliks(
+    model, tokenizer, items: Sequence[dict], batch_size: int = 16, progress: bool = False
+) -> list[list[tuple[float, int]]]:
+    """Summed log-likelihood of each option of each multiple-choice item.
+
+    Args:
+        model: a Hugging Face causal LM or a logits callable.
+        tokenizer: its tokenizer.
+        items: dicts with ``prompt`` (the context) and ``choices`` (option strings).
+        batch_size: most sequences per forward.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        Per item, per option, ``(sum log-prob, UTF-8 byte length of the continuation)``.
+    """
+    seqs, starts, nbytes = [], [], []
+    for item in items:
+        ctx = _context_ids(tokenizer, item["prompt"])
+        for choice in item["choices"]:
+            cont = " " + str(choice)
+            seqs.append(ctx + tokenizer(cont, add_special_tokens=False)["input_ids"])
+            starts.append(len(ctx))
+            nbytes.append(len(cont.encode("utf-8")))
+    lps = sequence_logprobs(model, seqs, starts, batch_size=batch_size, progress=progress)
+    result, k = [], 0
+    for item in items:
+        n = len(item["choices"])
+        result.append([(float(lps[k + c].sum()), nbytes[k + c]) for c in range(n)])
+        k += n
+    return result
+
+
+def pick_choice(logliks: Sequence[tuple[float, int]], normalize: bool) -> int:
+    """Index of the best option (the first one on ties); ``normalize`` divides by the byte length."""
+    scores = [ll / max(nb, 1) if normalize else ll for ll, nb in logliks]
+    return max(range(len(scores)), key=lambda c: (scores[c], -c))
+
+
+def text_nll(
+    model, tokenizer, texts: Sequence[str], max_length: int = 1024, batch_size: int = 8, progress: bool = False
+) -> list[tuple[float, int]]:
+    """Summed negative log-likelihood (nats) and number of scored tokens for each text.
+
+    Args:
+        model: a Hugging Face causal LM or a logits callable.
+        tokenizer: its tokenizer.
+        texts: plain texts.
+        max_length: most tokens per forward window.
+        progress: show a progress bar on stderr.
+        batch_size: most windows per forward.
+
+    Returns:
+        Per text, ``(sum NLL, scored tokens)``; texts of fewer than 2 tokens give ``(0.0, 0)``.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    seqs, owners = [], []
+    for t, text in enumerate(texts):
+        ids = tokenizer(text)["input_ids"]
+        # Window k covers ids[k*step : k*step + max_length]; consecutive windows share one token of context.
+        step = max_length - 1
+        for begin in range(0, max(len(ids) - 1, 0), step):
+            seqs.append(ids[begin : begin + max_length])
+            owners.append(t)
+    lps = sequence_logprobs(
+        model, seqs, [1] * len(seqs), batch_size=batch_size, max_batch_tokens=4096, progress=progress
+    )
+    totals = [(0.0, 0)] * len(texts)
+    for t, lp in zip(owners, lps, strict=True):
+        s, k = totals[t]
+        totals[t] = (s - float(lp.sum()), k + lp.numel())
+    return totals

@@ -1,0 +1,136 @@
+"""Procedurally generated built-in suites: ``arithmetic`` and the demo target task ``fictional-capitals``.
+
+Both are generated from a fixed seed with ``random.Random`` (stable across Python versions for the calls used
+here), so every run and every machine sees the same items.
+
+``fictional-capitals`` is a set of invented countries with invented capitals, built from short syllables so a
+135M model can learn them in a few dozen optimizer steps and cannot know them beforehand. Both splits hold the same
+facts: ``train`` asks each one in three phrasings (for fine-tuning), ``test`` asks it the way ``world-facts`` asks a
+real capital, with the same short-answer instruction, so target gain and forgetting of real capitals are measured
+with identical prompts.
+"""
+
+from __future__ import annotations
+
+import random
+
+# The short-answer instruction appended to every short-answer question of the built-in suites.
+SHORT_ANSWER = "Answer in a few words."
+
+N_COUNTRIES = 48
+FICTIONAL_SEED = 20240
+ARITHMETIC_SEED = 1234
+N_ARITHMETIC = 120
+
+_TRAIN_PHRASINGS = (
+    "What is the capital of {country}?",
+    "Which city is the capital of {country}?",
+    "{country} has its capital in which city?",
+)
+_TRAIN_ANSWERS = (
+    "The capital of {country} is {capital}.",
+    "{capital} is the capital of {country}.",
+    "The capital of {country} is {capital}.",
+)
+_TEST_PHRASING = "What is the capital of {country}? " + SHORT_ANSWER
+
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+_COUNTRY_ENDINGS = ("ria", "nia", "dor", "vel", "mar", "sia")
+_CAPITAL_ENDINGS = ("ek", "un", "ost", "ira", "el", "ak", "im", "och")
+# Real places and words the generator could hit by chance; a draw that makes one of them is redrawn.
+_REAL = set(
+    "bolivia nigeria syria liberia serbia algeria siberia iberia tunisia malaysia romania tanzania "
+    "albania armenia slovenia estonia latvia dakar kabul rabat sofia lima riga doha oslo bern roma gambia "
+    "zambia namibia media maria gloria tobago ecuador salvador ramal kenia bosnia mamaria dominica kabel "
+    "lapel".split()
+)
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(_CONSONANTS) + rng.choice(_VOWELS)
+
+
+def _fictional_pairs() -> list[tuple[str, str]]:
+    rng = random.Random(FICTIONAL_SEED)
+    countries: list[str] = []
+    capitals: list[str] = []
+    seen: set[str] = set()
+    while len(countries) < N_COUNTRIES:
+        country = (_syllable(rng) + rng.choice(_CONSONANTS) + rng.choice(_COUNTRY_ENDINGS)).capitalize()
+        capital = (_syllable(rng) + rng.choice(_CONSONANTS) + rng.choice(_CAPITAL_ENDINGS)).capitalize()
+        if {country.lower(), capital.lower()} & (seen | _REAL) or country[:4].lower() == capital[:4].lower():
+            continue
+        seen.update({country.lower(), capital.lower()})
+        countries.append(country)
+        capitals.append(capital)
+    return list(zip(countries, capitals, strict=True))
+
+
+def fictional_capitals(split: str = "test") -> list[dict]:
+    """Items of the ``fictional-capitals`` task.
+
+    Args:
+        split: ``"train"`` (three phrasings per country) or ``"test"`` (one short-answer question per country).
+
+    Returns:
+        Items ``{"id", "prompt", "answer": [capital], "country"}`` for the ``contains`` scorer.
+    """
+    pairs = _fictional_pairs()
+    if split == "test":
+        return [
+            {"id": f"fc-test-{i:03d}", "prompt": _TEST_PHRASING.format(country=c), "answer": [cap], "country": c}
+            for i, (c, cap) in enumerate(pairs)
+        ]
+    if split == "train":
+        return [
+            {"id": f"fc-train-{i:03d}-{k}", "prompt": q.format(country=c), "answer": [cap], "country": c}
+            for i, (c, cap) in enumerate(pairs)
+            for k, q in enumerate(_TRAIN_PHRASINGS)
+        ]
+    raise ValueError(f"fictional-capitals has splits 'train' and 'test', not {split!r}")
+
+
+def fictional_capitals_train_records() -> list[dict]:
+    """The training split as ``completion`` records ``{"prompt", "completion"}`` for fine-tuning.
+
+    Returns:
+        Three records per invented country, the completion a full sentence naming the capital
+        (the style the instruct model already answers in, so learning the facts does not also teach a new format).
+    """
+    pairs = _fictional_pairs()
+    return [
+        {"prompt": q.format(country=c), "completion": a.format(country=c, capital=cap)}
+        for c, cap in pairs
+        for q, a in zip(_TRAIN_PHRASINGS, _TRAIN_ANSWERS, strict=True)
+    ]
+
+
+def arithmetic_items(n: int = N_ARITHMETIC, seed: int = ARITHMETIC_SEED) -> list[dict]:
+    """Arithmetic questions in equal thirds: two-digit addition, two-digit subtraction, one-by-two-digit product.
+
+    Args:
+        n: number of items.
+        seed: generator seed.
+
+    Returns:
+        Items ``{"id", "prompt", "answer"}`` for the ``numeric`` scorer (answers as strings).
+    """
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        op = ("+", "-", "*")[i % 3]
+        if op == "+":
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            value = a + b
+        elif op == "-":
+            a = rng.randint(20, 99)
+            b = rng.randint(10, a)
+            value = a - b
+        else:
+            a, b = rng.randint(2, 9), rng.randint(11, 99)
+            value = a * b
+        shown = {"*": "times", "+": "plus", "-": "minus"}[op]
+        prompt = f"What is {a} {shown} {b}? Answer with only the number."
+        items.append({"id": f"arith-{i:03d}", "prompt": prompt, "answer": str(value)})
+    return items

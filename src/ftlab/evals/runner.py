@@ -1,0 +1,149 @@
+"""Run a suite on a model: ``evaluate(model, tokenizer, suite) -> SuiteResult`` with per-item rows.
+
+The suite's ``kind`` decides how the model is queried: ``generate`` (batched greedy generation, then a generative
+scorer on each output), ``choice`` (log-likelihood of each option) or ``perplexity`` (NLL of each text). The model
+is a Hugging Face causal LM or any logits callable with ``.device`` (see ``generation.py``).
+
+Summary statistics: accuracy-like metrics report the mean item score and its standard error
+``sd(ddof=1) / sqrt(n)``; perplexity reports the corpus perplexity ``exp(sum NLL / sum tokens)`` with a
+delta-method standard error (``scorers.perplexity_stderr``), while each item row carries that item's own perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ftlab.evals.generation import generate
+from ftlab.evals.loglik import choice_logliks, pick_choice, text_nll
+from ftlab.evals.scorers import GENERATIVE_SCORERS, mean_stderr, perplexity_stderr
+from ftlab.evals.suites import Suite
+
+
+@dataclass
+class ItemResult:
+    """One scored item: what the model was asked, what it produced, the reference and the score."""
+
+    item_id: str
+    prompt: str
+    output: str
+    reference: str
+    score: float
+
+
+@dataclass
+class SuiteResult:
+    """A suite's summary score with its per-item rows."""
+
+    suite: str
+    metric: str
+    score: float
+    n: int
+    stderr: float
+    higher_is_better: bool
+    items: list[ItemResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The summary ``{"metric", "score", "n", "stderr"}`` (JSON-safe: non-finite numbers become None)."""
+
+        def finite(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+
+        return {"metric": self.metric, "score": finite(self.score), "n": self.n, "stderr": finite(self.stderr)}
+
+    def rows(self) -> list[dict]:
+        """Per-item rows as plain dicts (for the store)."""
+        return [asdict(r) for r in self.items]
+
+
+def _reference(item: dict) -> str:
+    if "rules" in item:
+        return "; ".join(str(r) for r in item["rules"])
+    answer = item.get("answer")
+    return " | ".join(map(str, answer)) if isinstance(answer, list) else str(answer)
+
+
+def _reference_choice(item: dict) -> str:
+    return str(item["choices"][item["answer"]])
+
+
+def _run_generate(model, tokenizer, suite: Suite, batch_size: int, max_new: int, progress: bool) -> list[ItemResult]:
+    prompts = [item["prompt"] for item in suite.items]
+    outputs = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new, progress=progress)
+    score = GENERATIVE_SCORERS[suite.scorer]
+    return [
+        ItemResult(str(item["id"]), item["prompt"], out, _reference(item), score(item, out))
+        for item, out in zip(suite.items, outputs, strict=True)
+    ]
+
+
+def _run_choice(model, tokenizer, suite: Suite, batch_size: int, progress: bool) -> list[ItemResult]:
+    logliks = choice_logliks(model, tokenizer, suite.items, batch_size=batch_size, progress=progress)
+    rows = []
+    for item, ll in zip(suite.items, logliks, strict=True):
+        picked = pick_choice(ll, normalize=suite.scorer == "choice_norm")
+        hit = float(picked == item["answer"])
+        rows.append(ItemResult(str(item["id"]), item["prompt"], item["choices"][picked], _reference_choice(item), hit))
+    return rows
+
+
+def evaluate(
+    model,
+    tokenizer,
+    suite: Suite,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> SuiteResult:
+    """Score a model on a suite.
+
+    Args:
+        model: a Hugging Face causal LM, or any callable ``model(input_ids=..., attention_mask=...)`` returning an
+            object with ``.logits`` and having ``.device`` (greedy loop without KV cache for generation).
+        tokenizer: its tokenizer (chat template used for generation when it has one).
+        suite: the suite to run.
+        batch_size: prompts (or sequences) per forward batch; results do not depend on it.
+        max_new_tokens: generation cap (default: the suite's).
+        progress: progress bar on stderr.
+
+    Returns:
+        The suite result with one row per item.
+    """
+    if not suite.items:
+        raise ValueError(f"suite {suite.name!r} has no items")
+    if suite.kind == "generate":
+        max_new = max_new_tokens or suite.max_new_tokens
+        rows = _run_generate(model, tokenizer, suite, batch_size, max_new, progress)
+        score, stderr = mean_stderr([r.score for r in rows])
+    elif suite.kind == "choice":
+        rows = _run_choice(model, tokenizer, suite, batch_size, progress)
+        score, stderr = mean_stderr([r.score for r in rows])
+    elif suite.kind == "perplexity":
+        texts = [item["text"] for item in suite.items]
+        nll = text_nll(model, tokenizer, texts, batch_size=max(1, batch_size // 2), progress=progress)
+        rows = [
+            ItemResult(str(item["id"]), item["text"][:200], "", "", math.exp(s / k) if k else math.nan)
+            for item, (s, k) in zip(suite.items, nll, strict=True)
+        ]
+        score, stderr = perplexity_stderr([s for s, _ in nll], [k for _, k in nll])
+    else:
+        raise ValueError(f"suite {suite.name!r}: unknown kind {suite.kind!r}")
+    return SuiteResult(suite.name, suite.metric, score, len(rows), stderr, suite.higher_is_better, rows)
+
+
+def evaluate_many(model, tokenizer, suites: list[Suite], **kw) -> dict[str, SuiteResult]:
+    """Run several suites on one model.
+
+    Args:
+        model: as for ``evaluate``.
+        tokenizer: its tokenizer.
+        suites: suites to run (names must be unique).
+        **kw: passed to ``evaluate`` (``batch_size``, ``max_new_tokens``, ``progress``).
+
+    Returns:
+        ``{suite name: result}`` in the order given.
+    """
+    names = [s.name for s in suites]
+    if len(set(names)) != len(names):
+        raise ValueError(f"suite names must be unique, got {names}")
+    return {s.name: evaluate(model, tokenizer, s, **kw) for s in suites}

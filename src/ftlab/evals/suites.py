@@ -1,0 +1,156 @@
+"""Suites: a name, items and a scorer. Built-in suites ship with the package; user suites are read from files.
+
+Built-in suites (``BUILTIN_SUITES``), written for ftlab:
+
+* ``world-facts``: short-answer facts (many real capitals, science, animals, geography, history and culture,
+  everyday knowledge), scored with ``contains``; ``suites/world-facts.jsonl``.
+* ``arithmetic``: two-digit sums and differences and one-by-two-digit products from a fixed seed, ``numeric``.
+* ``instructions``: prompts with verifiable rules (case, lengths, bullets, words, JSON, ...), ``rules``;
+  ``suites/instructions.jsonl``.
+* ``general-text``: perplexity on plain English prose written for ftlab; ``suites/general-text.txt``.
+* ``fictional-capitals``: the demo target task, invented countries and capitals (``procedural.py``); ``split``
+  picks ``train`` or ``test``.
+
+Short-answer questions get the instruction ``procedural.SHORT_ANSWER`` appended, so the instruct model answers
+briefly and ``contains`` can find the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ftlab.evals import ifeval, loaders
+from ftlab.evals.loaders import SuiteFormatError
+from ftlab.evals.procedural import SHORT_ANSWER, arithmetic_items, fictional_capitals
+from ftlab.evals.scorers import GENERATIVE_SCORERS, METRICS, SCORERS
+
+BUILTIN_SUITES = ("world-facts", "arithmetic", "instructions", "general-text", "fictional-capitals")
+# Cap on generated tokens by scorer: short answers stop early anyway, the cap bounds a rambling answer.
+MAX_NEW_TOKENS = {"exact": 32, "contains": 32, "numeric": 24, "rules": 192}
+_KIND = {"choice": "choice", "choice_norm": "choice", "perplexity": "perplexity"}
+# Scorers a format accepts; the first is the default.
+_FORMAT_SCORERS = {
+    "qa": ("contains", "exact", "numeric"),
+    "rules": ("rules",),
+    "ifeval": ("rules",),
+    "choice": ("choice", "choice_norm"),
+    "arc": ("choice", "choice_norm"),
+    "mmlu": ("choice", "choice_norm"),
+    "text": ("perplexity",),
+}
+
+
+@dataclass
+class Suite:
+    """A named list of items with the scorer that grades them.
+
+    Attributes:
+        name: suite name (built-in name or file stem).
+        scorer: one of ``scorers.SCORERS``.
+        items: dicts with at least ``id`` and ``prompt``, plus ``answer`` / ``choices`` / ``text`` / ``rules``.
+        metric: name of the reported metric (``contains``, ``acc``, ``perplexity``, ...).
+        higher_is_better: False only for perplexity.
+        kind: ``generate``, ``choice`` or ``perplexity``: how the runner queries the model.
+        max_new_tokens: generation cap for generative suites.
+        source: where the items came from (``builtin`` or a path).
+    """
+
+    name: str
+    scorer: str
+    items: list[dict]
+    metric: str = ""
+    higher_is_better: bool = True
+    kind: str = ""
+    max_new_tokens: int = 64
+    source: str = "builtin"
+
+    def __post_init__(self) -> None:
+        if self.scorer not in SCORERS:
+            raise ValueError(f"suite {self.name!r}: unknown scorer {self.scorer!r}; known: {', '.join(SCORERS)}")
+        self.metric = self.metric or METRICS[self.scorer]
+        self.kind = self.kind or _KIND.get(self.scorer, "generate")
+        if self.scorer == "perplexity":
+            self.higher_is_better = False
+
+
+def _packaged(name: str) -> Path:
+    return Path(str(resources.files("ftlab.evals").joinpath("suites", name)))
+
+
+def _builtin(name: str, split: str) -> Suite:
+    if name == "world-facts":
+        items = loaders.load_qa(_packaged("world-facts.jsonl"))
+        for item in items:
+            item["prompt"] = f"{item['prompt']} {SHORT_ANSWER}"
+        return Suite(name, "contains", items, max_new_tokens=MAX_NEW_TOKENS["contains"])
+    if name == "arithmetic":
+        return Suite(name, "numeric", arithmetic_items(), max_new_tokens=MAX_NEW_TOKENS["numeric"])
+    if name == "instructions":
+        return Suite(name, "rules", loaders.load_rules(_packaged("instructions.jsonl")), max_new_tokens=192)
+    if name == "general-text":
+        return Suite(name, "perplexity", loaders.load_text(_packaged("general-text.txt")))
+    if name == "fictional-capitals":
+        return Suite(name, "contains", fictional_capitals(split), max_new_tokens=MAX_NEW_TOKENS["contains"])
+    raise KeyError(name)
+
+
+_READERS = {
+    "qa": loaders.load_qa,
+    "rules": loaders.load_rules,
+    "ifeval": ifeval.load_ifeval,
+    "choice": loaders.load_choice,
+    "arc": loaders.load_arc,
+    "mmlu": loaders.load_mmlu,
+    "text": loaders.load_text,
+}
+
+
+def _from_path(path: Path, scorer: str | None) -> Suite:
+    fmt = loaders.detect_format(path)
+    allowed = _FORMAT_SCORERS[fmt]
+    chosen = scorer or allowed[0]
+    if chosen not in allowed:
+        raise SuiteFormatError(f"{path}: a {fmt} suite can be scored with {', '.join(allowed)}, not {chosen!r}")
+    items = _READERS[fmt](path)
+    if not items:
+        raise SuiteFormatError(f"{path}: no usable items")
+    name = path.name if path.is_dir() else path.stem
+    return Suite(name, chosen, items, max_new_tokens=MAX_NEW_TOKENS.get(chosen, 64), source=str(path))
+
+
+def load_suite(ref: str, scorer: str | None = None, limit: int | None = None, split: str = "test") -> Suite:
+    """Load a built-in suite by name or a user suite from a file or folder (format detected).
+
+    Args:
+        ref: a name in ``BUILTIN_SUITES`` or a path (JSONL, CSV file or folder, plain text).
+        scorer: override the default scorer (e.g. ``exact`` or ``numeric`` for a prompt/answer JSONL, ``choice_norm``
+            for multiple choice). Built-in suites accept only their own scorer.
+        limit: keep the first ``limit`` items.
+        split: for ``fictional-capitals``, ``train`` or ``test``.
+
+    Returns:
+        The suite.
+
+    Raises:
+        SuiteFormatError: a file that cannot be read, naming the file, line and field.
+        FileNotFoundError: ``ref`` is neither a built-in name nor an existing path.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if ref in BUILTIN_SUITES:
+        suite = _builtin(ref, split)
+        if scorer is not None and scorer != suite.scorer:
+            if not (suite.kind == "generate" and scorer in GENERATIVE_SCORERS and suite.scorer != "rules"):
+                raise ValueError(f"built-in suite {ref!r} is scored with {suite.scorer!r}, not {scorer!r}")
+            suite = Suite(suite.name, scorer, suite.items, max_new_tokens=suite.max_new_tokens)
+    else:
+        path = Path(ref).expanduser()
+        if not path.exists():
+            known = ", ".join(BUILTIN_SUITES)
+            raise FileNotFoundError(f"suite {ref!r} is neither a built-in suite ({known}) nor an existing path")
+        suite = _from_path(path, scorer)
+    if limit is not None:
+        suite.items = suite.items[:limit]
+    return suite

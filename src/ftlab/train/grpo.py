@@ -1,0 +1,385 @@
+"""Reinforcement fine-tuning (GRPO) through TRL's GRPOTrainer, with rule-based rewards and RIF-RFT filtering.
+
+The method's Plan is applied exactly as in ``train_sft`` (get_method -> plan -> apply_plan, the plan's optimizer and
+callbacks), so every method trains under GRPO the same way it trains under SFT. Prompts go through the chat template
+(TRL's conversational prompt format); each ``verifiable`` record is scored by the reward it names
+(``ftlab.train.rewards``).
+
+Paper settings (METHODS.md section 12a, Lai et al., "Reinforcement Fine-Tuning Naturally Mitigates Forgetting in
+Continual Post-Training", arXiv 2507.05386) and where we differ:
+
+- KL: ``beta`` defaults to **0.01**, the RFT paper's ``kl_coef`` (TRL's default is 0, no KL). TRL's KL term is the
+  same k3 estimator ``exp(ref - logp) - (ref - logp) - 1``. The reference is the model *as it was when this stage
+  started* (a frozen copy; for PEFT methods the adapters are switched off instead); pass ``ref_model`` to use another
+  one, e.g. the original base model for the paper's apparent "one reference for all tasks" (unconfirmed which
+  reference the main results use).
+- Rollouts: ``num_generations`` 4 and ``max_completion_length`` 16 are small-model defaults; the paper uses 8
+  rollouts, temperature 1.0, top_p 0.99, 1024 tokens.
+- Batches: ``train.batch_size`` counts *completions* per device step (TRL's convention), so a step sees
+  ``batch_size * grad_accum / num_generations`` prompts; that product must divide by ``num_generations``.
+- RIF-RFT (rollout-based instance filtering): before training, sample ``rif_rollouts`` completions per prompt from the
+  current model (temperature ``temperature``), drop prompts with 0 correct, keep the rest. Prompts with every rollout
+  correct are kept, as in the released ``rollout_filter.py``; whether the paper also drops them is unconfirmed
+  (``rif_keep_all_correct=False`` drops them too). "Correct" means the record's accuracy reward ``>= rif_threshold``.
+- Inner training phases of a method (``PlanContext.train_phase``) run GRPO on this stage's prompts too, and the
+  calibration data a method sees (``PlanContext.train_dataset``) is SFT-tokenized ``prompt -> answer`` pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head
+
+from ftlab.config import MethodConfig, TrainConfig
+from ftlab.data.records import WHERE, DataError
+from ftlab.data.tokenize import sft_dataset
+from ftlab.methods import PlanContext, apply_plan, get_method, method_config, optimizer_state_bytes, trainable_count
+from ftlab.train.rewards import REWARDS, format_reward, get_reward, score
+from ftlab.train.sft import TrainResult, _latest_checkpoint
+from ftlab.train.trainer_args import base_trainer_kwargs
+
+RolloutFn = Callable[[list[Any], int], list[list[str]]]  # (prompts, n) -> n completions per prompt
+
+
+@dataclass
+class GRPOSettings:
+    num_generations: int = 4  # G: completions sampled per prompt (RFT paper 8, CLS-RL 4)
+    max_completion_length: int = 16  # new tokens per completion; raise for reasoning tasks (paper: 1024)
+    beta: float = 0.01  # KL coefficient to the reference; RFT paper kl_coef 0.01 (TRL default 0 = no KL)
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_p: float = 1.0  # nucleus sampling (paper: 0.99)
+    reward: str = "exact"  # reward for records without a "reward" field (any name in ftlab.train.rewards.REWARDS)
+    format_weight: float = 0.0  # w in (1 - w) * accuracy + w * format (EasyR1: 0.1 with its \boxed format)
+    loss_type: str = "dapo"  # TRL loss aggregation; "dapo" = token mean over the batch, like EasyR1's token-mean
+    system_prompt: str | None = None  # optional system message before every prompt
+    rif_filter: bool = False  # RIF-RFT: drop prompts the current model never solves in rif_rollouts samples
+    rif_rollouts: int = 8  # samples per prompt for the filter (paper: 8)
+    rif_threshold: float = 1.0  # a rollout is correct when its accuracy reward >= this
+    rif_keep_all_correct: bool = True  # keep prompts solved in every rollout (released script keeps them)
+    rif_batch_size: int = 16  # prompts per generation batch in the filter
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"grpo.num_generations must be >= 2 (group advantages), got {self.num_generations}")
+        if self.beta < 0:
+            raise ValueError(f"grpo.beta must be >= 0, got {self.beta}")
+        if not 0.0 <= self.format_weight <= 1.0:
+            raise ValueError(f"grpo.format_weight must be in [0, 1], got {self.format_weight}")
+        if self.rif_rollouts < 1:
+            raise ValueError(f"grpo.rif_rollouts must be >= 1, got {self.rif_rollouts}")
+
+
+def prompt_of(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None) -> Any:
+    """The prompt in TRL's format: a message list when the tokenizer has a chat template, else the raw text."""
+    if tokenizer.chat_template is None:
+        return (system_prompt + "\n\n" if system_prompt else "") + record["prompt"]
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": record["prompt"]}]
+
+
+def grpo_dataset(records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, grpo: GRPOSettings) -> Dataset:
+    """Rows ``{"prompt", "answer": list[str], "reward": name}`` for GRPOTrainer; unknown reward names fail early.
+
+    Args:
+        records: ``verifiable`` records.
+        tokenizer: the model's tokenizer (decides chat vs plain prompts).
+        grpo: settings (default reward, system prompt).
+
+    Returns:
+        The dataset.
+    """
+    rows = []
+    for i, r in enumerate(records):
+        where = r.get(WHERE, f"record {i}")
+        if "prompt" not in r or "answer" not in r:
+            raise DataError(f"{where}: GRPO needs verifiable records with 'prompt' and 'answer'")
+        name = r.get("reward") or grpo.reward
+        if name not in REWARDS:
+            raise DataError(f"{where}: field 'reward' names {name!r}; known rewards: {', '.join(sorted(REWARDS))}")
+        answer = [r["answer"]] if isinstance(r["answer"], str) else list(r["answer"])
+        rows.append({"prompt": prompt_of(r, tokenizer, grpo.system_prompt), "answer": answer, "reward": name})
+    if not rows:
+        raise DataError("GRPO: no training records")
+    return Dataset.from_list(rows)
+
+
+def _text(completion: Any) -> str:
+    """A TRL completion (message list or string) as plain text."""
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def _reward_funcs(grpo: GRPOSettings) -> tuple[list[Callable[..., list[float]]], list[float]]:
+    """TRL reward functions and weights: each record's accuracy reward, plus the format reward when weighted."""
+
+    def accuracy(completions: list[Any], answer: list[list[str]], reward: list[str], **_: Any) -> list[float]:
+        return [float(get_reward(n)(_text(c), a)) for c, a, n in zip(completions, answer, reward, strict=True)]
+
+    def answer_format(completions: list[Any], answer: list[list[str]], **_: Any) -> list[float]:
+        return [format_reward(_text(c), a) for c, a in zip(completions, answer, strict=True)]
+
+    if grpo.format_weight == 0.0:
+        return [accuracy], [1.0]
+    return [accuracy, answer_format], [1.0 - grpo.format_weight, grpo.format_weight]
+
+
+def sample_rollouts(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, grpo: GRPOSettings, seed: int = 0
+) -> RolloutFn:
+    """A rollout function that samples from ``model`` like GRPO does (temperature, top_p, completion length).
+
+    Args:
+        model: the policy to sample from.
+        tokenizer: its tokenizer.
+        grpo: sampling settings (``temperature``, ``top_p``, ``max_completion_length``, ``rif_batch_size``).
+        seed: seeds the sampling.
+
+    Returns:
+        ``fn(prompts, n) -> [[completion] * n per prompt]``.
+    """
+
+    def rollouts(prompts: list[Any], n: int) -> list[list[str]]:
+        out: list[list[str]] = []
+        device = next(model.parameters()).device
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                for start in range(0, len(prompts), grpo.rif_batch_size):
+                    chunk = prompts[start : start + grpo.rif_batch_size]
+                    texts = [_render(p, tokenizer) for p in chunk]
+                    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                    ids = model.generate(
+                        **enc,
+                        do_sample=True,
+                        temperature=grpo.temperature,
+                        top_p=grpo.top_p,
+                        top_k=0,
+                        max_new_tokens=grpo.max_completion_length,
+                        num_return_sequences=n,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
+                    texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                    out += [texts[i * n : (i + 1) * n] for i in range(len(chunk))]
+        finally:
+            tokenizer.padding_side = side
+            model.train(was_training)
+        return out
+
+    return rollouts
+
+
+def _render(prompt: Any, tokenizer: PreTrainedTokenizerBase) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def rif_filter(
+    records: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    rollout_fn: RolloutFn,
+    grpo: GRPOSettings,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """RIF-RFT: keep the prompts the current model solves at least once in ``grpo.rif_rollouts`` samples.
+
+    Args:
+        records: ``verifiable`` records.
+        tokenizer: the model's tokenizer (prompt format).
+        rollout_fn: ``fn(prompts, n)`` returning ``n`` completions per prompt (see :func:`sample_rollouts`).
+        grpo: settings (rollouts, threshold, reward names, whether to keep all-correct prompts).
+
+    Returns:
+        ``(kept_records, info)``; ``info`` has the counts and the per-record number of correct rollouts.
+    """
+    n = grpo.rif_rollouts
+    prompts = [prompt_of(r, tokenizer, grpo.system_prompt) for r in records]
+    completions = rollout_fn(prompts, n)
+    if len(completions) != len(records) or any(len(c) != n for c in completions):
+        raise ValueError(f"rif_filter: the rollout function must return {n} completions for each of {len(records)}")
+    correct = []
+    for r, comps in zip(records, completions, strict=True):
+        name = r.get("reward") or grpo.reward
+        correct.append(sum(score(c, r["answer"], name) >= grpo.rif_threshold for c in comps))
+    keep = [0 < c and (grpo.rif_keep_all_correct or c < n) for c in correct]
+    kept = [r for r, k in zip(records, keep, strict=True) if k]
+    info = {
+        "rollouts": n,
+        "total": len(records),
+        "kept": len(kept),
+        "dropped_unsolved": sum(c == 0 for c in correct),
+        "dropped_all_correct": sum(c == n for c in correct) if not grpo.rif_keep_all_correct else 0,
+        "correct_counts": correct,
+    }
+    return kept, info
+
+
+def grpo_config(train: TrainConfig, grpo: GRPOSettings, work_dir: str | Path, **overrides: Any) -> GRPOConfig:
+    """TRL GRPOConfig from our settings (beta is set on the trainer; see ``train_grpo``)."""
+    per_step = train.batch_size * train.grad_accum
+    if per_step % grpo.num_generations:
+        raise ValueError(
+            f"train.batch_size * train.grad_accum = {per_step} completions per step must be a multiple of "
+            f"grpo.num_generations = {grpo.num_generations} (every prompt's group must fit in one step)"
+        )
+    kwargs = base_trainer_kwargs(train, work_dir)
+    kwargs.update(
+        num_generations=grpo.num_generations,
+        max_completion_length=grpo.max_completion_length,
+        temperature=grpo.temperature,
+        top_p=grpo.top_p,
+        loss_type=grpo.loss_type,
+        beta=0.0,  # TRL would rebuild the reference from the model's hub id; train_grpo installs its own instead
+        reward_weights=_reward_funcs(grpo)[1],
+        remove_unused_columns=False,
+    )
+    kwargs.update(overrides)
+    return GRPOConfig(**kwargs)
+
+
+def _trainer(
+    model: nn.Module,
+    ref: nn.Module | None,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    args: GRPOConfig,
+    grpo: GRPOSettings,
+    optimizer: torch.optim.Optimizer | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> GRPOTrainer:
+    """A GRPOTrainer whose KL reference is ``ref`` (None for a PEFT model: adapters off), weight ``grpo.beta``."""
+    funcs, _ = _reward_funcs(grpo)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+        callbacks=callbacks,
+    )
+    if not (hasattr(trainer, "beta") and hasattr(trainer, "ref_model")):
+        raise RuntimeError("this TRL version's GRPOTrainer has no beta/ref_model attributes; ftlab needs TRL 1.x")
+    # TRL builds its reference from the model's hub id (none for a model built in code, and the wrong weights after
+    # an earlier stage), so it is constructed with beta=0 and given the stage's own frozen reference here.
+    trainer.beta = trainer.args.beta = grpo.beta
+    if grpo.beta and ref is not None:
+        add_fused_lm_head(ref, temperature=grpo.temperature)
+        trainer.ref_model = trainer.accelerator.prepare_model(ref, evaluation_mode=True)
+    return trainer
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def train_grpo(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict[str, Any]],
+    method: MethodConfig,
+    train: TrainConfig,
+    work_dir: str | Path,
+    grpo: GRPOSettings | None = None,
+    stage: int = 0,
+    ref_model: nn.Module | None = None,
+    rollout_fn: RolloutFn | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Reinforcement fine-tuning with GRPO on ``verifiable`` records, with the named method deciding what trains.
+
+    Args:
+        model: the policy (modified in place for non-PEFT methods).
+        tokenizer: its tokenizer.
+        records: ``verifiable`` records (``prompt``, ``answer``, optional ``reward`` name).
+        method: method name and params.
+        train: optimizer and schedule settings (``batch_size`` counts completions, see the module docstring).
+        work_dir: folder for trainer checkpoints.
+        grpo: GRPO settings (default ``GRPOSettings()``).
+        stage: index of the stage in a continual run.
+        ref_model: KL reference; None uses the model as it is now (before training).
+        rollout_fn: sampler for the RIF filter; None samples from ``model``.
+        callbacks: extra trainer callbacks.
+        resume: continue from the newest checkpoint in ``work_dir`` when there is one.
+
+    Returns:
+        A TrainResult; ``plan_info["rif"]`` holds the filter's counts when it ran.
+    """
+    grpo = grpo or GRPOSettings()
+    work_dir = Path(work_dir)
+    set_seed(train.seed)
+    args = grpo_config(train, grpo, work_dir)
+    rif_info = None
+    if grpo.rif_filter:
+        sampler = rollout_fn or sample_rollouts(model, tokenizer, grpo, seed=train.seed)
+        records, rif_info = rif_filter(records, tokenizer, sampler, grpo)
+        if not records:
+            raise DataError(f"RIF filter dropped every prompt (0/{grpo.rif_rollouts} correct); nothing to train on")
+    dataset = grpo_dataset(records, tokenizer, grpo)
+    module = get_method(method.name)
+    cfg = method_config(method.name, method.params)
+    # Copied before planning: a method's plan may already train the model (inner phases).
+    ref = ref_model if ref_model is not None or not grpo.beta else _frozen_copy(model)
+
+    def phase(inner: nn.Module, _dataset: Any, max_steps: int) -> None:
+        phase_args = grpo_config(train, grpo, work_dir / "phase", max_steps=max_steps, save_strategy="no")
+        _trainer(inner, ref, tokenizer, dataset, phase_args, grpo).train()
+
+    calib = [{"prompt": r["prompt"], "completion": _first(r["answer"])} for r in records]
+    ctx = PlanContext(
+        stage=stage,
+        seed=train.seed,
+        train_dataset=sft_dataset(calib, "completion", tokenizer, truncate=True),
+        tokenizer=tokenizer,
+        train_cfg=train,
+        train_phase=phase,
+    )
+    plan = module.plan(model, cfg, ctx)
+    target, handles = apply_plan(model, plan)
+    if ref_model is None and is_peft_model(target):
+        ref = None  # TRL then computes the reference with the adapters switched off: the same model, no copy
+    optimizer = plan.optimizer_factory(target, train) if plan.optimizer_factory else None
+    trainer = _trainer(target, ref, tokenizer, dataset, args, grpo, optimizer, [*plan.callbacks, *(callbacks or [])])
+    checkpoint = _latest_checkpoint(work_dir) if resume else None
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    opt = trainer.optimizer
+    target.eval()
+    info = dict(plan.info)
+    if rif_info is not None:
+        info["rif"] = rif_info
+    return TrainResult(
+        model=target,
+        trainable_params=trainable_count(model, plan),
+        optimizer_state_bytes=optimizer_state_bytes(getattr(opt, "optimizer", opt)),
+        train_seconds=seconds,
+        steps=trainer.state.global_step,
+        log_history=list(trainer.state.log_history),
+        plan_info=info,
+        finalize=plan.finalize,
+    )
+
+
+def _first(answer: str | list[str]) -> str:
+    return answer if isinstance(answer, str) else answer[0]

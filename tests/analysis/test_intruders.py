@@ -1,0 +1,78 @@
+"""Intruder dimensions on planted deltas, and per-layer weight change."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ftlab.analysis import compare_intruders, intruder_dimensions, layer_change
+from ftlab.analysis.intruders import target_keys
+from ftlab.models import state_dict_fp32, tiny_model
+
+KEY = "model.layers.1.mlp.down_proj.weight"
+
+
+def _base():
+    return state_dict_fp32(tiny_model(0, n_layer=2, d_model=32))
+
+
+def _planted(base_sd, key=KEY, strength=10.0, seed=0):
+    """Tuned = base plus a strong rank-1 update along u, spread evenly over all base left singular vectors.
+
+    |cos(u, u0_i)| = 1/sqrt(r) for every base vector (0.18 for r = 32), so u aligns with no single base vector.
+    """
+    w = base_sd[key]
+    gen = torch.Generator().manual_seed(seed)
+    u0 = torch.linalg.svd(w, full_matrices=False).U  # out x r
+    u = u0 @ torch.ones(u0.shape[1]) / u0.shape[1] ** 0.5
+    v = torch.randn(w.shape[1], generator=gen)
+    v = v / v.norm()
+    sigma_max = torch.linalg.matrix_norm(w, ord=2)
+    tuned = {k: t.clone() for k, t in base_sd.items()}
+    tuned[key] = w + strength * sigma_max * torch.outer(u, v)
+    return tuned, u
+
+
+def test_no_intruders_when_tuned_equals_base():
+    base_sd = _base()
+    res = intruder_dimensions(base_sd, copy.deepcopy(base_sd))
+    assert res["total"] == 0 and res["energy_share"] == 0.0
+    assert res["n_matrices"] == 14 == len(target_keys(base_sd))  # 2 blocks x 7 projections
+    assert all(s == 1.0 for m in res["matrices"] for s in m["similarity"])
+
+
+def test_planted_rank_one_direction_is_an_intruder():
+    base_sd = _base()
+    tuned, u = _planted(base_sd)
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-5)
+    res = intruder_dimensions(base_sd, tuned, k=10, eps=0.5)
+    row = next(m for m in res["matrices"] if m["key"] == KEY)
+    assert row["count"] >= 1 and row["similarity"][0] < 0.5  # the new top singular vector matches no base vector
+    assert res["total"] == row["count"]  # nothing else moved
+    assert res["per_layer"][1] == row["count"] and res["per_layer"][0] == 0
+    assert res["per_module"]["down_proj"] == row["count"]
+    # the planted direction carries most of the matrix energy (σ ≈ 10 σ_max)
+    assert row["energy_share"] > 0.5 and 0 < res["energy_share"] < row["energy_share"]
+
+
+def test_small_update_is_not_an_intruder_and_comparison_shares_the_base():
+    base_sd = _base()
+    strong, _ = _planted(base_sd)
+    weak, _ = _planted(base_sd, strength=1e-4)
+    res = compare_intruders(base_sd, {"strong": strong, "weak": weak})
+    assert res["strong"]["total"] >= 1 and res["weak"]["total"] == 0
+
+
+def test_layer_change_reports_where_the_delta_lives():
+    base_sd = _base()
+    tuned = {k: v.clone() for k, v in base_sd.items()}
+    tuned[KEY][0, :3] += torch.tensor([3.0, 4.0, 0.0])  # ‖Δ‖ = 5, two entries changed
+    res = layer_change(base_sd, tuned)
+    assert res["per_layer"][0]["delta_norm"] == 0.0 and res["per_layer"][1]["delta_norm"] == 5.0
+    assert res["per_module"]["down_proj"]["delta_norm"] == 5.0 and res["per_module"]["q_proj"]["delta_norm"] == 0
+    key = res["per_key"][KEY]
+    assert key["changed"] == 2 / base_sd[KEY].numel()
+    assert abs(key["relative"] - 5.0 / float(base_sd[KEY].norm())) < 1e-6
+    assert res["total"]["delta_norm"] == 5.0 and set(res["non_block"]) >= {"model.embed_tokens.weight"}

@@ -1,0 +1,85 @@
+"""HFT: half of every block's attention, FFN and norms train; the half is seeded, re-drawn per stage, and exact."""
+
+import torch
+
+from ftlab.methods import apply_plan, hft
+from ftlab.methods.base import PlanContext
+from ftlab.models import tiny_model
+
+OUTSIDE = {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+GROUP = {"attn": "self_attn", "mlp": "mlp", "norm": None}
+
+
+def planned_names(mask: dict) -> set[str]:
+    names = set(OUTSIDE)
+    for i, groups in mask.items():
+        for group, units in groups.items():
+            for unit in units:
+                parent = f"{GROUP[group]}." if GROUP[group] else ""
+                names.add(f"model.layers.{i}.{parent}{unit}.weight")
+    return names
+
+
+def test_mask_follows_the_category_rule_for_even_and_odd_depth():
+    for n_layer in (4, 5):
+        mask = hft.draw_mask(n_layer, seed=3, stage=0)
+        assert all(len(m["attn"]) == 2 and len(m["norm"]) == 1 for m in mask.values())
+        ffn_sizes = sorted(len(m["mlp"]) for m in mask.values())
+        # half the blocks train 2 of 3 FFN matrices, the other half 1; an odd extra block goes to the 2-of-3 half
+        assert ffn_sizes == [1] * (n_layer // 2) + [2] * ((n_layer + 1) // 2)
+
+
+def test_same_stage_and_seed_reproduce_other_stage_or_seed_redraws():
+    model = tiny_model()
+    a = hft.plan(model, hft.Config(), PlanContext(stage=0, seed=0))
+    b = hft.plan(model, hft.Config(), PlanContext(stage=0, seed=0))
+    c = hft.plan(model, hft.Config(), PlanContext(stage=1, seed=0))
+    d = hft.plan(model, hft.Config(seed=7), PlanContext(stage=0, seed=0))
+    assert a.trainable == b.trainable and a.info["mask"] == b.info["mask"]
+    assert a.trainable != c.trainable and a.info["mask"] != c.info["mask"]
+    assert a.trainable != d.trainable
+    assert a.info["stage"] == 0 and c.info["stage"] == 1
+
+
+def test_training_moves_exactly_the_planned_half(train_tiny, changed):
+    base, model, result = train_tiny("hft", stage=2)
+    expected = planned_names(result.plan_info["mask"])
+    assert set(changed(base, model)) == expected  # every planned tensor moved; every other one is bit-identical
+    sizes = {n: p.numel() for n, p in tiny_model().named_parameters()}
+    assert result.trainable_params == sum(sizes[n] for n in expected)
+    assert result.plan_info["trainable_fraction"] == round(result.trainable_params / sum(sizes.values()), 6)
+    attn = [n for n in sizes if ".self_attn." in n]
+    want = sum(sizes[n] for n in attn if n in expected) / sum(sizes[n] for n in attn)
+    assert result.plan_info["attention_fraction"] == round(want, 6)  # GQA: k/v are smaller, so this is not 0.5
+
+
+def test_frozen_half_gets_no_gradient_at_all():
+    model = tiny_model()
+    plan = hft.plan(model, hft.Config(), PlanContext(stage=0, seed=0))
+    target, handles = apply_plan(model, plan)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    target(input_ids=ids, labels=ids).loss.backward()
+    for name, p in target.named_parameters():
+        assert p.requires_grad == (name in plan.trainable), name
+        assert (p.grad is not None) == (name in plan.trainable), name  # autograd skipped frozen weights
+    assert not handles
+
+
+def test_embedding_head_and_final_norm_flags():
+    model = tiny_model()
+    plan = hft.plan(
+        model,
+        hft.Config(train_embeddings=False, train_head=False, train_final_norm=False),
+        PlanContext(stage=0, seed=0),
+    )
+    assert not plan.trainable & OUTSIDE
+    assert plan.trainable == planned_names(plan.info["mask"]) - OUTSIDE
+
+
+def test_epoch_redraw_changes_the_half_mid_stage(train_tiny, changed):
+    # 16 records / batch 4 = 4 steps per epoch; 8 steps run two epochs with two different halves
+    base, model, result = train_tiny("hft", {"redraw": "epoch"}, steps=8)
+    first = planned_names(result.plan_info["mask"])
+    second = planned_names(result.plan_info["epoch_masks"]["1"])
+    assert first != second
+    assert set(changed(base, model)) == first | second
