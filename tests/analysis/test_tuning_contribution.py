@@ -66,5 +66,11 @@ def test_analyze_commands_print_one_json_object(models, tmp_path):
     out = runner.invoke(app, ["analyze", "tuco", *common, "--prompt", "Hi", "--prompt", "Yo"])
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["n"] == 2 and 0 < res["mean_tuco"] < 1
+    out = runner.invoke(app, ["analyze", "tuco", *common, "--suite", "world-facts", "--limit", "3"])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["suite"] == "world-facts" and res["n"] == 3 and len({r["id"] for r in res["prompts"]}) == 3
+    bad = runner.invoke(app, ["analyze", "tuco", *common, "--suite", "no-such-suite"])
+    assert bad.exit_code == 2
     table = runner.invoke(app, ["analyze", "layers", "--base", str(tmp_path / "b"), "--tuned", str(tmp_path / "t")])
     assert table.exit_code == 0 and "layer 2" in table.stdout

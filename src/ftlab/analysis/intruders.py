@@ -42,7 +42,9 @@ def intruder_dimensions(base_sd: StateDict, tuned_sd: StateDict, k: int = 10, ep
     return compare_intruders(base_sd, {"tuned": tuned_sd}, k, eps)["tuned"]
 
 
-def compare_intruders(base_sd: StateDict, tuned_sds: dict[str, StateDict], k: int = 10, eps: float = 0.5) -> dict:
+def compare_intruders(
+    base_sd: StateDict, tuned_sds: dict[str, StateDict], k: int = 10, eps: float = 0.5, threads: int | None = 1
+) -> dict:
     """``intruder_dimensions`` for several fine-tunes of one base (e.g. LoRA vs full), sharing the base SVDs.
 
     Args:
@@ -50,6 +52,8 @@ def compare_intruders(base_sd: StateDict, tuned_sds: dict[str, StateDict], k: in
         tuned_sds: name -> fine-tuned weights.
         k: top fine-tuned singular vectors examined per matrix.
         eps: similarity threshold.
+        threads: CPU threads for the SVDs (None: torch's setting). One is the default because MKL's threaded SVD
+            of these small matrices slows down by 10-30x when the cores are shared with other work.
 
     Returns:
         name -> the dict described in ``intruder_dimensions``.
@@ -59,11 +63,17 @@ def compare_intruders(base_sd: StateDict, tuned_sds: dict[str, StateDict], k: in
     layers, n_layers = layer_map(list(base_sd))
     start = time.perf_counter()
     rows: dict[str, list[dict]] = {name: [] for name in tuned_sds}
-    for key in target_keys(base_sd):
-        u0 = torch.linalg.svd(base_sd[key].float(), full_matrices=False).U  # out x r
-        for name, sd in tuned_sds.items():
-            row = _one_matrix(u0, sd[key].float(), k, eps)
-            rows[name].append({"key": key, "layer": layers[key], "module": module_kind(key), **row})
+    before = torch.get_num_threads()
+    if threads is not None and base_sd and next(iter(base_sd.values())).device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        for key in target_keys(base_sd):
+            u0 = torch.linalg.svd(base_sd[key].float(), full_matrices=False).U  # out x r
+            for name, sd in tuned_sds.items():
+                row = _one_matrix(u0, sd[key].float(), k, eps)
+                rows[name].append({"key": key, "layer": layers[key], "module": module_kind(key), **row})
+    finally:
+        torch.set_num_threads(before)
     seconds = time.perf_counter() - start
     return {name: _summary(r, n_layers, k, eps, seconds) for name, r in rows.items()}
 

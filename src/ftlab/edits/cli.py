@@ -86,8 +86,11 @@ def _prompts(prompt: list[str], suite: str | None, limit: int | None) -> tuple[l
     if suite:
         from ftlab.evals import load_suite
 
-        loaded = load_suite(suite, limit=limit)
-        items = loaded.items if hasattr(loaded, "items") and not isinstance(loaded, dict) else loaded
+        try:
+            items = load_suite(suite, limit=limit).items
+        except (ValueError, FileNotFoundError) as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
         return [it["prompt"] for it in items], [str(it["id"]) for it in items]
     if not prompt:
         err.print("[red]error:[/red] give --prompt (repeatable) or --suite")

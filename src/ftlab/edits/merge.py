@@ -107,26 +107,24 @@ def _trim_threshold(base_sd: StateDict, tuned_sd: StateDict, density: float) -> 
 
 
 def _ties(base_sd: StateDict, tuned_sds: list[StateDict], density: float) -> StateDict:
-    thresholds = [_trim_threshold(base_sd, sd, density) for sd in tuned_sds]
-
-    def trimmed(k: str) -> torch.Tensor:  # T x *shape
-        deltas = torch.stack([sd[k] - base_sd[k] for sd in tuned_sds])
-        keep = torch.stack([d.abs() >= t for d, t in zip(deltas, thresholds, strict=True)])
-        return deltas * keep
-
     keys = [k for k, b in base_sd.items() if _float(b)]
+    trimmed = []  # per task: its task vector with entries below the task's threshold zeroed
+    for sd in tuned_sds:
+        threshold = _trim_threshold(base_sd, sd, density)
+        task = {}
+        for k in keys:
+            d = sd[k] - base_sd[k]
+            task[k] = d * (d.abs() >= threshold)
+        trimmed.append(task)
+    sums = {k: sum((t[k] for t in trimmed), torch.zeros_like(base_sd[k])) for k in keys}
     # Entries whose trimmed sum is exactly 0 take the sign of the majority of elected signs (whole model).
-    total_sign = sum(float(torch.sign(trimmed(k).sum(0)).sum()) for k in keys)
+    total_sign = sum(float(torch.sign(v).sum()) for v in sums.values())
     majority = -1.0 if total_sign < 0 else 1.0
-    merged = {}
-    for k in base_sd:
-        if k not in keys:
-            merged[k] = torch.zeros_like(base_sd[k])
-            continue
-        t = trimmed(k)
-        sign = torch.sign(t.sum(0))
+    merged = {k: torch.zeros_like(b) for k, b in base_sd.items() if k not in sums}
+    for k in keys:
+        sign = torch.sign(sums.pop(k))
         sign = torch.where(sign == 0, majority, sign)
-        agree = torch.where(sign > 0, t > 0, t < 0)
-        count = agree.sum(0).clamp(min=1)
-        merged[k] = (t * agree).sum(0) / count
+        values = torch.stack([t.pop(k) for t in trimmed])  # T x *shape
+        agree = torch.where(sign > 0, values > 0, values < 0)
+        merged[k] = (values * agree).sum(0) / agree.sum(0).clamp(min=1)
     return merged

@@ -28,7 +28,7 @@ from ftlab.evals.scorers import GENERATIVE_SCORERS, METRICS, SCORERS
 
 BUILTIN_SUITES = ("world-facts", "arithmetic", "instructions", "general-text", "fictional-capitals")
 # Cap on generated tokens by scorer: short answers stop early anyway, the cap bounds a rambling answer.
-MAX_NEW_TOKENS = {"exact": 32, "contains": 32, "numeric": 24, "rules": 192}
+MAX_NEW_TOKENS = {"exact": 24, "contains": 24, "numeric": 24, "rules": 192}
 _KIND = {"choice": "choice", "choice_norm": "choice", "perplexity": "perplexity"}
 # Scorers a format accepts; the first is the default.
 _FORMAT_SCORERS = {
