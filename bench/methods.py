@@ -18,8 +18,9 @@ shared machine the wall clock mostly measures the other processes, while one thr
 work; ``wall_sec_per_step`` is reported alongside. ``--clock wall`` uses wall time instead.
 
 Settings of the method rows: LIFT uses ``lora_rank = filter_rank = 16``, the budget of the ``lora``/``peft-lora``
-rows (r = 16), so its trainable count equals theirs; ``sparse`` runs 3 phase-1 steps (not timed); the others use
-their defaults.
+rows (r = 16), so its trainable count equals theirs, and the randomised SVD (``svd: lowrank``) to keep planning
+short; ``sparse`` runs 3 phase-1 steps (not timed); the others use their defaults. Batch 1 of ~85-token sequences,
+10 steps per run, 2 rounds; a round that would end past ``--budget-s`` is not started.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ MODEL = "smollm2-135m-instruct"
 METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "full": {},
     "hft": {},
-    "lift": {"lora_rank": 16, "filter_rank": 16},
+    "lift": {"lora_rank": 16, "filter_rank": 16, "svd": "lowrank"},
     "sparse": {"full_ft_steps": 3},
     "freeze": {},
     "locft": {},
@@ -203,13 +204,14 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run")
-    parser.add_argument("--steps", type=int, default=7, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="leading steps of each run left out of the timing")
     parser.add_argument("--rounds", type=int, default=2, help="runs per row, interleaved across rows")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each run")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    parser.add_argument("--budget-s", type=float, default=1080, help="start no round projected to end past this")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -222,6 +224,9 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {r: [] for r in rows}
     t0 = time.time()
     for i in range(args.rounds):
+        if i and (time.time() - t0) * (i + 1) / i > args.budget_s:
+            print(f"skipping rounds {i + 1}-{args.rounds}: over the time budget", file=sys.stderr, flush=True)
+            break
         order = rows if i % 2 == 0 else rows[::-1]  # alternate the order so no row always runs first or last
         for row in order:
             runs[row].append(spawn(row, args))

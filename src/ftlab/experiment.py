@@ -14,7 +14,9 @@ An experiment YAML::
       - {name: lora, method: {name: lora, params: {r: 16}}, train: {lr: 1.0e-3}}
 
 The base is evaluated once on every suite and reused by every arm. After each stage every arm is evaluated on all
-stages' targets (the accuracy matrix) and the retained suites. ``post`` lists repair edits to sweep on the arm's
+stages' targets (the accuracy matrix) and the retained suites. A stage's data can mix other sources by weight
+(``mix``) or replay a fixed fraction of them (``replay``, DMT's k); a source is a path, a built-in data set or
+``stage:<name>`` for an earlier stage's data. ``post`` lists repair edits to sweep on the arm's
 final model; each point is scored like an arm, named ``<arm>+<edit>=<value>``. Everything lands in the store; a
 run started again with the same command skips finished stages and resumes a killed one from its last checkpoint.
 """
@@ -46,6 +48,8 @@ class StageConfig:
     max_length: int = 512
     limit: int | None = None  # use only the first N training records
     settings: dict[str, Any] = field(default_factory=dict)  # trainer-specific (GRPO/DPO settings)
+    mix: dict[str, float] = field(default_factory=dict)  # other sources -> weight (this stage's data weighs 1)
+    replay: dict[str, float] = field(default_factory=dict)  # source -> fraction of its records added (DMT's k)
 
 
 @dataclass
@@ -54,12 +58,16 @@ class ArmConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this arm (after the stage's)
     post: dict[str, Any] = field(default_factory=dict)  # repair sweep: {scale: [0.5, 0.7], lines: {alpha: [0.3]}}
+    masked_thought: dict[str, Any] = field(default_factory=dict)  # SFT input masking: {ratio: 0.2, replace: random}
+    trainer: str = ""  # sft | grpo | dpo, over the stage's trainer (to set SFT against GRPO on the same data)
+    settings: dict[str, Any] = field(default_factory=dict)  # trainer settings, over the stage's
 
 
 @dataclass
 class EvalSettings:
     limit: int | None = None  # items per suite (None: all)
     limits: dict[str, int] = field(default_factory=dict)  # per-suite item caps, over `limit`
+    scorers: dict[str, str] = field(default_factory=dict)  # per-suite scorer, over the suite's default
     batch_size: int = 16
 
 
@@ -113,6 +121,8 @@ def validate(cfg: ExperimentConfig) -> None:
         stage.name = stage.name or f"stage{i + 1}"
         train_config(cfg, stage, ArmConfig())
     for i, arm in enumerate(cfg.arms):
+        if arm.trainer not in ("", "sft", "grpo", "dpo"):
+            raise ConfigError(f"arms[{i}].trainer: {arm.trainer!r} is not sft, grpo or dpo")
         method_config(arm.method.name, arm.method.params)
         for stage in cfg.stages:
             train_config(cfg, stage, arm)

@@ -7,6 +7,7 @@ the same code; the trainers are accelerate-aware and only the main process write
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from ftlab.config import ConfigError
 from ftlab.data import load_records, sft_dataset
 from ftlab.data.sources import resolve_train_data
 from ftlab.experiment import (
@@ -49,7 +51,7 @@ class Evaluator:
         self.suites = {}
         for name in self.targets + self.retained:
             limit = cfg.eval.limits.get(name, cfg.eval.limit)
-            self.suites[name] = load_suite(name, limit=limit)
+            self.suites[name] = load_suite(name, scorer=cfg.eval.scorers.get(name), limit=limit)
 
     def missing(self, arm: str, stage: int, names: list[str]) -> list[str]:
         return [s for s in names if not self.store.has_result(self.run_id, arm, stage, self.suites[s].name)]
@@ -64,32 +66,64 @@ class Evaluator:
             console.print(f"  [dim]{arm} stage {stage}[/] {name}: {result.metric} = {result.score:.3f}")
 
 
-def stage_records(stage: StageConfig) -> tuple[list[dict], str]:
-    return load_records(resolve_train_data(stage.data), stage.format, stage.limit)
+def stage_records(cfg: ExperimentConfig, stage: StageConfig) -> tuple[list[dict], str]:
+    """The stage's training records after mixing and replay (deterministic in the experiment's seed)."""
+    import random
+
+    from ftlab.data.mixing import mix
+
+    def source(ref: str) -> tuple[list[dict], str]:
+        if ref.startswith("stage:"):
+            named = {st.name: st for st in cfg.stages}
+            if ref[6:] not in named:
+                raise ConfigError(f"stages.{stage.name}: no stage named {ref[6:]!r} to replay")
+            return load_records(resolve_train_data(named[ref[6:]].data), named[ref[6:]].format, named[ref[6:]].limit)
+        return load_records(resolve_train_data(ref), "auto")
+
+    records, fmt = load_records(resolve_train_data(stage.data), stage.format, stage.limit)
+    if stage.mix:
+        others = [source(ref)[0] for ref in stage.mix]
+        records = mix([records, *others], [1.0, *stage.mix.values()], seed=cfg.seed)
+    for ref, fraction in stage.replay.items():
+        extra = source(ref)[0]
+        records = records + random.Random(cfg.seed).sample(extra, round(fraction * len(extra)))
+    if stage.trainer == "sft" and fmt == "verifiable":  # SFT on a verifiable task learns the reference answer
+        records = [{**r, "completion": r["answer"] if isinstance(r["answer"], str) else r["answer"][0]} for r in records]
+        fmt = "completion"
+    return records, fmt
 
 
 def train_stage(
     model: Any, tokenizer: Any, cfg: ExperimentConfig, stage: StageConfig, arm: ArmConfig, t: int, work: Path
 ) -> Any:
     """Train one arm through one stage with the stage's trainer; returns a TrainResult."""
-    records, fmt = stage_records(stage)
+    trainer = arm.trainer or stage.trainer
+    stage = dataclasses.replace(stage, trainer=trainer, settings={**stage.settings, **arm.settings})
+    records, fmt = stage_records(cfg, stage)
     train = train_config(cfg, stage, arm)
-    if stage.trainer == "sft":
+    if trainer == "sft":
         from ftlab.train.sft import train_sft
 
         dataset = sft_dataset(records, fmt, tokenizer, stage.max_length)
+        collator, callbacks = None, []
+        if arm.masked_thought:
+            from ftlab.data.masked_thought import MaskedThoughtCollator
+
+            collator = MaskedThoughtCollator(tokenizer, seed=cfg.seed, **arm.masked_thought)
+            callbacks = [collator.callback()]
         return train_sft(
-            model, tokenizer, dataset, arm.method, train, work, stage=t - 1, max_length=stage.max_length, resume=True
-        )
-    if stage.trainer == "grpo":
+            model, tokenizer, dataset, arm.method, train, work, stage=t - 1, max_length=stage.max_length,
+            resume=True, callbacks=callbacks, data_collator=collator,
+        )  # fmt: skip
+    if trainer == "grpo":
         from ftlab.train.grpo import GRPOSettings, train_grpo
 
         settings = GRPOSettings(**stage.settings)
-        return train_grpo(model, tokenizer, records, arm.method, train, work, grpo=settings, stage=t - 1)
+        return train_grpo(model, tokenizer, records, arm.method, train, work, grpo=settings, stage=t - 1, resume=True)
     from ftlab.train.dpo import DPOSettings, train_dpo
 
     settings = DPOSettings(**stage.settings)
-    return train_dpo(model, tokenizer, records, arm.method, train, work, dpo=settings, stage=t - 1)
+    return train_dpo(model, tokenizer, records, arm.method, train, work, dpo=settings, stage=t - 1, resume=True)
 
 
 def run_arm(cfg: ExperimentConfig, arm: ArmConfig, store: Store, run_id: str, ev: Evaluator, out: Path) -> None:
@@ -112,7 +146,7 @@ def run_arm(cfg: ExperimentConfig, arm: ArmConfig, store: Store, run_id: str, ev
             if model is None:
                 prev = cfg.base if t == 1 else stage_model_dir(out, arm.name, t - 1, n)
                 model, tokenizer = load_model(prev)
-            console.print(f"[bold]{arm.name}[/]: training stage {t} ({stage.name}, {stage.trainer})")
+            console.print(f"[bold]{arm.name}[/]: training stage {t} ({stage.name}, {arm.trainer or stage.trainer})")
             work = arm_dir(out, arm.name) / f"stage-{t}.work"
             result = train_stage(model, tokenizer, cfg, stage, arm, t, work)
             model = result.final_model()

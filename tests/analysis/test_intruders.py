@@ -76,3 +76,39 @@ def test_layer_change_reports_where_the_delta_lives():
     assert key["changed"] == 2 / base_sd[KEY].numel()
     assert abs(key["relative"] - 5.0 / float(base_sd[KEY].norm())) < 1e-6
     assert res["total"]["delta_norm"] == 5.0 and set(res["non_block"]) >= {"model.embed_tokens.weight"}
+
+
+def test_analyze_intruders_lora_adapter_vs_full_side_by_side(tmp_path):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from typer.testing import CliRunner
+
+    from ftlab.cli import app
+    from ftlab.models import save_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    save_model(tiny_model(0, n_layer=2, d_model=32), tok, tmp_path / "base")
+    full = tiny_model(0, n_layer=2, d_model=32)
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    save_model(full, tok, tmp_path / "full")
+    lora = get_peft_model(
+        tiny_model(0, n_layer=2, d_model=32), LoraConfig(r=1, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.fill_(5.0)  # a strong rank-1 update in every q_proj
+    lora.save_pretrained(tmp_path / "lora")
+    args = ["analyze", "intruders", "--base", str(tmp_path / "base")]
+    args += ["--tuned", str(tmp_path / "lora"), "--tuned", str(tmp_path / "full")]
+    out = CliRunner().invoke(app, [*args, "--json"])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.stdout.strip().splitlines()[-1])["tuned"]
+    lora_res, full_res = res[str(tmp_path / "lora")], res[str(tmp_path / "full")]
+    assert lora_res["per_module"]["q_proj"] >= 1 and lora_res["total"] == lora_res["per_module"]["q_proj"]
+    assert full_res["total"] == 0
+    table = CliRunner().invoke(app, args)
+    assert table.exit_code == 0 and "energy share" in table.stdout

@@ -38,18 +38,7 @@ def _run(*args: str):
 
 def test_edit_scale_zero_writes_the_base(saved):
     root, base_sd, _ = saved
-    _run(
-        "edit",
-        "scale",
-        "--base",
-        str(root / "base"),
-        "--tuned",
-        str(root / "tuned"),
-        "--factor",
-        "0",
-        "--out",
-        str(root / "s0"),
-    )
+    _run(*f"edit scale --base {root / 'base'} --tuned {root / 'tuned'} --factor 0 --out {root / 's0'}".split())
     model, _ = load_model(root / "s0")
     out = state_dict_fp32(model)
     assert all(torch.equal(out[k], base_sd[k]) for k in base_sd)
@@ -59,18 +48,7 @@ def test_edit_scale_zero_writes_the_base(saved):
 
 def test_edit_lines_alpha_alone(saved):
     root, base_sd, tuned_sd = saved
-    _run(
-        "edit",
-        "lines",
-        "--base",
-        str(root / "base"),
-        "--tuned",
-        str(root / "tuned"),
-        "--alpha",
-        "0.6",
-        "--out",
-        str(root / "l6"),
-    )
+    _run(*f"edit lines --base {root / 'base'} --tuned {root / 'tuned'} --alpha 0.6 --out {root / 'l6'}".split())
     out = state_dict_fp32(load_model(root / "l6")[0])
     k0, k1 = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
     torch.testing.assert_close(out[k0] - base_sd[k0], 0.6 * (tuned_sd[k0] - base_sd[k0]), rtol=0, atol=1e-6)
@@ -116,21 +94,8 @@ def test_edit_rejects_bad_settings_cleanly(saved):
 def test_edit_graft_saves_mask_and_model(saved, completion_file):
     root, base_sd, tuned_sd = saved
     result = _run(
-        "edit",
-        "graft",
-        "--base",
-        str(root / "base"),
-        "--tuned",
-        str(root / "tuned"),
-        "--data",
-        str(completion_file),
-        "--sparsity",
-        "0.01",
-        "--epochs",
-        "1",
-        "--out",
-        str(root / "g"),
-        "--json",
+        *f"edit graft --base {root / 'base'} --tuned {root / 'tuned'} --data {completion_file}".split(),
+        *f"--sparsity 0.01 --epochs 1 --limit 4 --out {root / 'g'} --json".split(),
     )
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     from safetensors.torch import load_file
@@ -146,27 +111,13 @@ def test_edit_graft_saves_mask_and_model(saved, completion_file):
 def test_edit_tuco_and_eft_generate(saved):
     root, _, _ = saved
     b, t = str(root / "base"), str(root / "tuned")
-    res = _run(
-        "edit", "tuco", "--base", b, "--tuned", t, "--alpha", "1", "--prompt", "Hi", "--max-new-tokens", "4", "--json"
-    )
+    res = _run(*f"edit tuco --base {b} --tuned {t} --alpha 1 --prompt Hi --max-new-tokens 3 --json".split())
     tuco_out = json.loads(res.stdout.strip().splitlines()[-1])["outputs"]
     res = _run(
-        "edit",
-        "eft",
-        "--large-base",
-        b,
-        "--small-tuned",
-        t,
-        "--small-base",
-        b,
-        "--prompt",
-        "Hi",
-        "--max-new-tokens",
-        "4",
-        "--json",
+        *f"edit eft --large-base {b} --small-tuned {t} --small-base {b} --prompt Hi --max-new-tokens 3 --json".split()
     )
     eft_out = json.loads(res.stdout.strip().splitlines()[-1])["outputs"]
     from ftlab.evals.generation import generate
 
-    want = generate(load_model(t)[0], tiny_tokenizer(), ["Hi"], max_new_tokens=4, progress=False)
+    want = generate(load_model(t)[0], tiny_tokenizer(), ["Hi"], max_new_tokens=3, progress=False)
     assert [r["output"] for r in tuco_out] == want == [r["output"] for r in eft_out]

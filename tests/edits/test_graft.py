@@ -23,9 +23,9 @@ def tuned_pair():
     base = tiny_model(0, n_layer=2, d_model=32).eval()
     tuned = copy.deepcopy(base).train()
     tok = tiny_tokenizer()
-    opt = torch.optim.Adam(tuned.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(tuned.parameters(), lr=5e-3)
     batch = _batches(RECORDS, tok, batch_size=8, max_length=64)[0]
-    for _ in range(30):
+    for _ in range(12):
         opt.zero_grad()
         tuned(**batch).loss.backward()
         opt.step()

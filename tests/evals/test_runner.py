@@ -160,8 +160,8 @@ def test_perplexity_matches_hand_computation(model, tok):
 
 def test_perplexity_windows_score_every_token_once(model, tok):
     text = "A fairly long sentence that needs several windows of eight tokens each."
-    (nll_full, n_full), = text_nll(model, tok, [text], max_length=512)
-    (nll_win, n_win), = text_nll(model, tok, [text], max_length=8)
+    ((nll_full, n_full),) = text_nll(model, tok, [text], max_length=512)
+    ((nll_win, n_win),) = text_nll(model, tok, [text], max_length=8)
     assert n_full == n_win == len(tok(text)["input_ids"]) - 1
     assert nll_win != pytest.approx(nll_full)  # shorter context changes the numbers, not the token count
 

@@ -16,9 +16,7 @@ def test_default_layer_follows_the_released_configs():
 def test_exact_location_on_a_deep_model():
     model = tiny_model(n_layer=24, d_model=16)
     assert locft.plan(model, locft.Config(), PlanContext()).trainable == {"model.layers.16.mlp.down_proj.weight"}
-    assert locft.plan(model, locft.Config(layer=2), PlanContext()).trainable == {
-        "model.layers.2.mlp.down_proj.weight"
-    }
+    assert locft.plan(model, locft.Config(layer=2), PlanContext()).trainable == {"model.layers.2.mlp.down_proj.weight"}
 
 
 def test_training_moves_only_the_located_matrix(train_tiny, changed):

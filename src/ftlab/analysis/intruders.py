@@ -8,7 +8,7 @@ vectors. The score is the count summed over matrices (k = 10, ε = 0.5 as the au
 
 Added beside the count, as METHODS.md asks (a random direction also scores below ε): the intruder energy share,
 Σ σ_j² over intruders / ‖W_ft‖_F², per matrix and pooled over matrices. A LoRA adapter must be merged first
-(``merge_and_unload``); the loader does that for an adapter folder only if the caller does it.
+(``merge_and_unload``); ``ftlab analyze intruders`` does that for an adapter folder given as ``--tuned``.
 Transposed layouts (GPT-2 ``Conv1D``, in x out) are not detected; they would compare right singular vectors.
 """
 

@@ -8,9 +8,13 @@ from typing import Any
 
 def builtin_train_sets() -> dict[str, Any]:
     """Name -> zero-argument function returning a list of records."""
+    from ftlab.data.tasks import arithmetic_task
     from ftlab.evals import fictional_capitals_train_records
 
-    return {"fictional-capitals": fictional_capitals_train_records}
+    return {
+        "fictional-capitals": fictional_capitals_train_records,
+        "single-digit-addition": lambda: arithmetic_task(n=79, split="train"),
+    }
 
 
 def resolve_train_data(ref: str) -> Any:

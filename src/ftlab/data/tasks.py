@@ -1,11 +1,16 @@
 """Small generated tasks with verifiable answers, for GRPO smoke runs and forgetting experiments on small models.
 
 ``arithmetic_task`` is single-digit addition asked as "What is 3 + 4? Reply with the number only." and scored with
-the ``numeric`` reward (the last number in the reply). Measured on the embedded SmolLM2-135M-Instruct (50 prompts,
-16 new tokens; see the GRPO notes in the project report): greedy 88% correct, sampling at temperature 1 27% correct,
-with 68% of 4-sample groups mixed (some right, some wrong), so GRPO gets a learning signal from the first step.
-Two-digit addition with the same wording and an exact-match reward earns almost no reward at temperature 1, and
-then every group has zero reward variance (TRL logs ``frac_reward_zero_std = 1``): nothing to learn from.
+the ``numeric`` reward (the last number in the reply). Measured on the embedded SmolLM2-135M-Instruct (16 new
+tokens; sampling as GRPO does, temperature 1, 4 samples per prompt):
+
+- 50 train-split problems: greedy 74% right, sampled 18.5% right, 56% of the 4-sample groups mixed;
+- the 21 test-split problems: greedy 86%, sampled 24%, 71% of groups mixed.
+
+So most GRPO groups have reward variance from the first step. Two-digit addition with the same wording earns 0%
+under exact match and 2% sampled even with the lenient numeric reward, so almost every group has zero reward variance
+(TRL logs ``frac_reward_zero_std`` near 1) and GRPO learns next to nothing; single-digit subtraction (12.5%
+sampled) and multiplication (19.5%) give less signal than addition.
 """
 
 from __future__ import annotations

@@ -33,12 +33,20 @@ JSON = typer.Option(False, "--json", help="Print one JSON object (last stdout li
 
 
 # ------------------------------------------------------------------ helpers
-def _load(ref: str):
+def _load(ref: str, base: str | None = None):
+    """Model and tokenizer of a reference; a PEFT adapter folder is merged into ``base`` (or its recorded base)."""
     from ftlab.models import load_model
 
     start = time.perf_counter()
     try:
-        model, tok = load_model(ref)
+        adapter = Path(ref) / "adapter_config.json"
+        if adapter.exists() and not (Path(ref) / "config.json").exists():
+            from peft import PeftModel
+
+            model, tok = load_model(base or json.loads(adapter.read_text())["base_model_name_or_path"])
+            model = PeftModel.from_pretrained(model, ref).merge_and_unload().eval()
+        else:
+            model, tok = load_model(ref)
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes a one-line CLI error
         err.print(f"[red]error:[/red] cannot load model {ref!r}: {exc}")
         raise typer.Exit(2) from None
@@ -53,8 +61,8 @@ def _weight_edit(name: str, base: str, tuned: list[str], out: str, **settings: A
     base_model, _ = _load(base)
     base_sd = state_dict_fp32(base_model)
     del base_model
-    model, tok = _load(tuned[0])
-    tuned_sds = [state_dict_fp32(model)] + [state_dict_fp32(_load(t)[0]) for t in tuned[1:]]
+    model, tok = _load(tuned[0], base)
+    tuned_sds = [state_dict_fp32(model)] + [state_dict_fp32(_load(t, base)[0]) for t in tuned[1:]]
     start = time.perf_counter()
     try:
         edited = apply_edit(name, base_sd, tuned_sds if name == "merge" else tuned_sds[0], **settings)
@@ -221,7 +229,7 @@ def graft(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     base_model, _ = _load(base)
-    model, tok = _load(tuned)
+    model, tok = _load(tuned, base)
     start = time.perf_counter()
     result = graft_mod.localize(
         base_model,
@@ -263,7 +271,7 @@ def tuco(
 
     prompts, ids = _prompts(prompt, suite, limit)
     base_model, _ = _load(base)
-    model, tok = _load(tuned)
+    model, tok = _load(tuned, base)
     _generate_and_print(TuCoModel(base_model, model, alpha), tok, prompts, ids, max_new_tokens, as_json)
 
 
@@ -284,7 +292,7 @@ def eft(
 
     prompts, ids = _prompts(prompt, suite, limit)
     large, tok_l = _load(large_base)
-    tuned_pairs = [_load(t) for t in small_tuned]
+    tuned_pairs = [_load(t, small_base) for t in small_tuned]
     small, tok_s = _load(small_base)
     try:
         model = EFTModel(
@@ -314,7 +322,7 @@ def intruders(
     from ftlab.models import state_dict_fp32
 
     base_sd = state_dict_fp32(_load(base)[0])
-    tuned_sds = {t: state_dict_fp32(_load(t)[0]) for t in tuned}
+    tuned_sds = {t: state_dict_fp32(_load(t, base)[0]) for t in tuned}
     err.print(f"SVD of {len(tuned_sds) + 1} x block matrices ...")
     res = compare_intruders(base_sd, tuned_sds, k=k, eps=eps)
     if as_json:
@@ -338,7 +346,7 @@ def layers(base: str = BASE, tuned: str = TUNED, as_json: bool = JSON) -> None:
     from ftlab.analysis import layer_change
     from ftlab.models import state_dict_fp32
 
-    res = layer_change(state_dict_fp32(_load(base)[0]), state_dict_fp32(_load(tuned)[0]))
+    res = layer_change(state_dict_fp32(_load(base)[0]), state_dict_fp32(_load(tuned, base)[0]))
     if as_json:
         typer.echo(json.dumps({"base": base, "tuned": tuned, **res}))
         return
@@ -367,7 +375,7 @@ def tuco_analysis(
 
     prompts, ids = _prompts(prompt, suite, limit)
     base_model, _ = _load(base)
-    model, tok = _load(tuned)
+    model, tok = _load(tuned, base)
     try:
         res = tuning_contribution(base_model, model, tok, prompts, norm=norm, chat=not raw, ids=ids)
     except ValueError as exc:

@@ -183,7 +183,16 @@ def localize(
 class _Relaxation:
     """The sigmoid-relaxed mask γ = γ_base + (1 − 2γ_base)·σ(S − b) over the searched parameters."""
 
-    def __init__(self, base_sd, tuned_sd, keys, sparsity, bias, seed, params) -> None:
+    def __init__(
+        self,
+        base_sd: StateDict,
+        tuned_sd: StateDict,
+        keys: list[str],
+        sparsity: float,
+        bias: float,
+        seed: int,
+        params: dict[str, torch.nn.Parameter],
+    ) -> None:
         self.keys, self.bias, self.params = keys, bias, params
         device = params[keys[0]].device
         self.n_selected = sum(base_sd[k].numel() for k in keys)

@@ -29,7 +29,7 @@ from ftlab.config import MethodConfig, TrainConfig
 from ftlab.data.records import WHERE, DataError
 from ftlab.data.tokenize import sft_dataset
 from ftlab.methods import PlanContext, apply_plan, get_method, method_config, optimizer_state_bytes, trainable_count
-from ftlab.train.sft import TrainResult, _latest_checkpoint
+from ftlab.train.sft import TrainResult, latest_checkpoint
 from ftlab.train.trainer_args import base_trainer_kwargs
 
 
@@ -166,7 +166,7 @@ def train_dpo(
         optimizers=(optimizer, None),
         callbacks=[*plan.callbacks, *(callbacks or [])],
     )
-    checkpoint = _latest_checkpoint(work_dir) if resume else None
+    checkpoint = latest_checkpoint(work_dir) if resume else None
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - t0

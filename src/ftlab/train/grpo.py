@@ -47,7 +47,7 @@ from ftlab.data.records import WHERE, DataError
 from ftlab.data.tokenize import sft_dataset
 from ftlab.methods import PlanContext, apply_plan, get_method, method_config, optimizer_state_bytes, trainable_count
 from ftlab.train.rewards import REWARDS, format_reward, get_reward, score
-from ftlab.train.sft import TrainResult, _latest_checkpoint
+from ftlab.train.sft import TrainResult, latest_checkpoint
 from ftlab.train.trainer_args import base_trainer_kwargs
 
 RolloutFn = Callable[[list[Any], int], list[list[str]]]  # (prompts, n) -> n completions per prompt
@@ -358,7 +358,7 @@ def train_grpo(
         ref = None  # TRL then computes the reference with the adapters switched off: the same model, no copy
     optimizer = plan.optimizer_factory(target, train) if plan.optimizer_factory else None
     trainer = _trainer(target, ref, tokenizer, dataset, args, grpo, optimizer, [*plan.callbacks, *(callbacks or [])])
-    checkpoint = _latest_checkpoint(work_dir) if resume else None
+    checkpoint = latest_checkpoint(work_dir) if resume else None
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - t0

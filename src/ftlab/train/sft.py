@@ -21,6 +21,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ftlab.config import MethodConfig, TrainConfig
 from ftlab.methods import PlanContext, apply_plan, get_method, method_config, optimizer_state_bytes, trainable_count
+from ftlab.train.trainer_args import base_trainer_kwargs
 
 
 @dataclass
@@ -60,30 +61,8 @@ class TrainResult:
 
 def sft_config(train: TrainConfig, work_dir: str | Path, max_length: int | None = None, **overrides: Any) -> SFTConfig:
     """TRL SFTConfig from our TrainConfig (CPU-friendly: no workers, no reporting, fp32 unless bf16)."""
-    kwargs: dict[str, Any] = dict(
-        output_dir=str(work_dir),
-        learning_rate=train.lr,
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        warmup_steps=train.warmup_ratio,
-        lr_scheduler_type=train.scheduler,
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        seed=train.seed,
-        data_seed=train.seed,
-        logging_steps=train.logging_steps,
-        save_strategy="steps" if train.save_steps > 0 else "no",
-        save_steps=train.save_steps if train.save_steps > 0 else 500,
-        save_total_limit=1,
-        bf16=train.bf16,
-        report_to="none",
-        dataloader_num_workers=0,
-        max_length=max_length,
-        packing=False,
-        disable_tqdm=False,
-    )
+    kwargs: dict[str, Any] = base_trainer_kwargs(train, work_dir)
+    kwargs.update(max_length=max_length, packing=False, disable_tqdm=False)
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
 
@@ -154,7 +133,7 @@ def train_sft(
         data_collator=data_collator,
         callbacks=[*plan.callbacks, *(callbacks or [])],
     )
-    checkpoint = _latest_checkpoint(work_dir) if resume else None
+    checkpoint = latest_checkpoint(work_dir) if resume else None
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
@@ -175,10 +154,10 @@ def train_sft(
     )
 
 
-def _latest_checkpoint(work_dir: Path) -> str | None:
+def latest_checkpoint(work_dir: str | Path) -> str | None:
     """Newest complete checkpoint: the trainer writes ``trainer_state.json`` last, so a run killed while saving
     leaves a folder without it (or with it cut short), and the previous checkpoint is the one to resume from."""
-    found = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    found = sorted(Path(work_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for path in found:
         try:
             json.loads((path / "trainer_state.json").read_text())
