@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ftlab.evals.generation import encode_prompts, generate
+from ftlab.evals.generation import common_prefix_len, encode_prompts, generate
 from ftlab.evals.loglik import choice_logliks, text_nll
 from ftlab.evals.runner import evaluate
 from ftlab.evals.suites import Suite
@@ -77,6 +77,32 @@ def test_batched_generation_equals_one_at_a_time(model, tok):
     single = generate(model, tok, PROMPTS, batch_size=1, max_new_tokens=12, progress=False)
     assert batched == single
     assert len(set(batched)) > 1 and all(batched)  # real, prompt-dependent text, not empty strings
+
+
+def test_cached_loop_matches_hf_generate_when_rows_stop_early(model, tok):
+    # Our KV-cache loop drops finished rows from the batch; it must still give exactly what model.generate gives.
+    from ftlab.evals.generation import _generate_cached, _generate_hf
+
+    batch = encode_prompts(tok, PROMPTS)
+    free = _generate_hf(model, batch, 9, [], tok.pad_token_id)
+    # Stop on the third token of the first row: rows that produce it stop early, the rest run to the cap.
+    stop = [free[0][2]]
+    want = _generate_hf(model, batch, 9, stop, tok.pad_token_id)
+    lengths = sorted(len(w) for w in want)
+    assert lengths[0] < 9 and lengths[-1] == 9  # the case really mixes early-stopping and full-length rows
+    assert _generate_cached(model, batch, 9, stop, tok.pad_token_id) == want
+    assert _generate_cached(model, batch, 9, [], tok.pad_token_id) == free
+    # The shared chat-template prefix run once and repeated over the rows changes nothing.
+    prefix = common_prefix_len(batch)
+    assert tok.decode(batch[0][:prefix]) == "<|im_start|>user\n"
+    assert _generate_cached(model, batch, 9, stop, tok.pad_token_id, prefix_len=prefix) == want
+
+
+def test_common_prefix_len():
+    assert common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_len([[1, 2, 3]]) == 2  # one token is always left after the prefix
+    assert common_prefix_len([[7], [7, 8]]) == 0
+    assert common_prefix_len([]) == 0
 
 
 def test_logits_callable_matches_hf_generate(model, tok):

@@ -157,6 +157,11 @@ def test_rule_pass_and_fail(rule, good, bad):
     assert check_rules([rule], bad) == {f"0:{rule['type']}": False}
 
 
+def test_numbered_lines_and_bold_are_not_bullets():
+    assert not check_rules([{"type": "exact_bullets", "n": 2}], "1. apple\n2. pear")["0:exact_bullets"]
+    assert not check_rules([{"type": "min_bullets", "n": 1}], "**Bold** heading")["0:min_bullets"]
+
+
 def test_combined_rules_all_must_hold():
     rules = [{"type": "lowercase"}, {"type": "max_words", "n": 3}]
     assert check_rules(rules, "so very quiet") == {"0:lowercase": True, "1:max_words": True}

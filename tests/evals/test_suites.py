@@ -142,6 +142,14 @@ def test_plain_text_is_cut_into_paragraph_chunks(tmp_path):
     assert chunk_text("a\n\n\n\nb", chunk_chars=1) == ["a", "b"]
 
 
+def test_one_paragraph_per_line_text_is_chunked_at_lines():
+    # WikiText's raw dump: one paragraph per line, no blank lines; it must not become one giant item.
+    lines = [" = Title = "] + [f" Line {i} " + "text " * 50 for i in range(20)]
+    chunks = chunk_text("\n".join(lines), chunk_chars=1000)
+    assert len(chunks) > 3 and all(len(c) < 1000 + 300 for c in chunks)
+    assert " ".join(chunks).split() == " ".join(lines).split()
+
+
 def test_rules_and_ifeval_jsonl(tmp_path):
     rules = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Shout.", "rules": [{"type": "uppercase"}]}])
     assert load_suite(str(rules)).scorer == "rules"

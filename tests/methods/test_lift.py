@@ -106,3 +106,21 @@ def test_step_refreshes_on_the_interval_and_resume_keeps_integer_indices():
     assert opt2.state[p2]["idx"].dtype == torch.int32
     assert torch.equal(opt2.state[p2]["idx"], opt.state[p]["idx"])
     assert torch.equal(mask2, mask) and opt2.optimizer_steps == 4
+
+
+def test_masks_refresh_during_training_and_the_plan_sees_them(train_tiny, changed, monkeypatch):
+    plans = []
+    original = lift.plan
+    monkeypatch.setattr(lift, "plan", lambda *a: plans.append(original(*a)) or plans[-1])
+    params = {"lora_rank": 2, "filter_rank": 4, "update_interval": 1}  # re-select after every optimizer step
+    base, model, result = train_tiny("lift", params)
+    (plan,) = plans
+    cfg = lift.Config(**params)
+    weights = dict(model.named_parameters())
+    initial = {n: lift.select_entries(torch.nn.Parameter(base[n]), cfg) for n in plan.trainable}
+    now = {n: lift.select_entries(weights[n], cfg) for n in plan.trainable}
+    assert any(not torch.equal(initial[n], now[n]) for n in plan.trainable)  # the selection did move
+    for n in plan.trainable:
+        # the plan's gradient masks (shared with the hooks) hold the selection made from the final weights
+        assert torch.equal(plan.grad_masks[n].view(-1).nonzero().view(-1), now[n]), n
+    assert result.trainable_params == sum(i.numel() for i in now.values())

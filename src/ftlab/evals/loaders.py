@@ -205,15 +205,24 @@ def load_mmlu(path: Path) -> list[dict]:
 
 
 def chunk_text(text: str, chunk_chars: int = TEXT_CHUNK_CHARS) -> list[str]:
-    """Cut text into chunks of whole paragraphs (blank-line separated), each about ``chunk_chars`` characters.
+    """Cut text into chunks of about ``chunk_chars`` characters at paragraph or line boundaries.
 
-    Paragraphs are joined until a chunk reaches ``chunk_chars``; a single longer paragraph is its own chunk.
+    Paragraphs are separated by blank lines; a paragraph longer than ``chunk_chars`` is split at its line breaks
+    (files such as WikiText's raw dump put one paragraph per line, with no blank lines). Pieces are joined until a
+    chunk reaches ``chunk_chars``; a single longer line is its own chunk, never cut inside.
     """
-    chunks, cur = [], ""
-    for para in (p.strip() for p in re.split(r"\n\s*\n", text)):
-        if not para:
+    pieces: list[tuple[str, str]] = []  # (separator before the piece, piece)
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln.strip() for ln in para.split("\n") if ln.strip()]
+        if not lines:
             continue
-        cur = f"{cur}\n\n{para}" if cur else para
+        if len(para.strip()) <= chunk_chars:
+            pieces.append(("\n\n", "\n".join(lines)))
+        else:
+            pieces.extend((("\n\n" if i == 0 else "\n"), ln) for i, ln in enumerate(lines))
+    chunks, cur = [], ""
+    for sep, piece in pieces:
+        cur = f"{cur}{sep}{piece}" if cur else piece
         if len(cur) >= chunk_chars:
             chunks.append(cur)
             cur = ""

@@ -15,7 +15,8 @@ import re
 from collections.abc import Callable
 
 _WORD = re.compile(r"\b\w+(?:['’]\w+)*\b")
-_BULLET = re.compile(r"^\s*(?:[*\-•]|\d+[.)])\s+", re.MULTILINE)
+# Markdown bullets ("* ", "- ", "• ") as IFEval counts them; numbered lines are not bullets.
+_BULLET = re.compile(r"^\s*[*\-•]\s+", re.MULTILINE)
 
 
 def count_words(text: str) -> int:

@@ -57,7 +57,10 @@ def select(model: nn.Module, layers: list[int], modules: list[str], extra: list[
             raise ConfigError(f"{where}modules: {pattern!r} matches no parameter in blocks {_span(layers)}")
     for pattern in extra:
         if not any(matches(n, pattern) for n in names):
-            raise ConfigError(f"{where}extra: {pattern!r} matches no parameter of the model")
+            raise ConfigError(
+                f"{where}extra: {pattern!r} matches no parameter of the model "
+                "(a tied head appears only under its embedding's name, e.g. embed_tokens)"
+            )
     chosen = {n for n in in_blocks if not modules or matches_any(in_layer_name(n), modules)}
     chosen |= {n for n in names if matches_any(n, extra)}
     if not chosen:

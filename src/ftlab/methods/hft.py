@@ -217,8 +217,7 @@ def plan(model: nn.Module, cfg: Config, ctx: PlanContext) -> Plan:
     }
     if cfg.redraw == "stage":
         return Plan(trainable=trainable, info=info)
-    candidates = {n for n, _ in model.named_parameters() if layer_of(n) is None and n in outside}
-    candidates |= {n for n, _ in model.named_parameters() if layer_of(n) is not None and _unit(n) is not None}
+    candidates = outside | {n for n, _ in model.named_parameters() if layer_of(n) is not None and _unit(n) is not None}
     return Plan(
         trainable=trainable,
         optimizer_factory=_adamw_factory(candidates),

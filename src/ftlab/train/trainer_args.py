@@ -40,6 +40,7 @@ def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path) -> dict[str, A
         save_steps=train.save_steps if train.save_steps > 0 else 500,
         save_total_limit=1,
         bf16=train.bf16,
+        activation_checkpointing=train.gradient_checkpointing,  # TRL turns it on by default; small models do without
         report_to="none",
         dataloader_num_workers=0,
     )
