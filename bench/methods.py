@@ -1,29 +1,30 @@
 """Benchmark every registered method on the embedded model, against plain TRL and plain PEFT, in one run.
 
-Run (10-18 minutes on a shared 2-core CPU box)::
+Run (12-18 minutes on a shared 2-core CPU box)::
 
     HF_HUB_OFFLINE=1 python bench/methods.py               # one JSON line per row on stdout
-    HF_HUB_OFFLINE=1 python bench/methods.py --rows full,hft --steps 6
+    HF_HUB_OFFLINE=1 python bench/methods.py --rows trl-full,full,hft --rounds 2
 
 Rows: ``trl-full`` (TRL's SFTTrainer on the bare model, no ftlab code in the loop), ``peft-lora`` (plain
 ``peft.get_peft_model`` + SFTTrainer), and every ftlab method through ``ftlab.train.sft.train_sft``. Every row uses
-the same tokenized data, batch size, sequence lengths, learning rate and seed, and TRL's defaults otherwise (fused
-AdamW, gradient checkpointing). Each run is a fresh subprocess, so ``peak_rss_mb`` (max RSS of that process) is the
-row's own; runs are interleaved across rounds so that load from other processes hits every row alike.
+the same tokenized data (64 records of ~85 tokens, batch 1), learning rate, seed and trainer arguments (ftlab's:
+fused AdamW, no activation checkpointing; the plain rows spell them out by hand).
 
-Per-step times come from a TrainerCallback, ``on_step_begin`` to ``on_step_end`` (forward, backward, clipping,
-optimizer step), pooled over every run of the row after leaving out each run's first ``--warmup`` steps.
-``sec_per_step`` is their lower quartile; ``median_sec_per_step`` is reported too. By default the clock is the
-process CPU time with torch on one thread (``--clock cpu``): on a shared machine the wall clock mostly measures the
-other processes, while one thread's CPU time is the step's own work. Interference from other processes (cache,
-memory bandwidth, a busy sibling hyperthread) can only add to it, which is why the lower quartile is the estimate:
-identical code (``full`` vs ``trl-full``) differs by up to 5% between run medians on a loaded box, and by about 1-2%
-in lower quartiles. ``wall_sec_per_step`` (median) is reported alongside; ``--clock wall`` times with it instead.
+How it measures:
+- each run is a fresh subprocess with torch on one thread, so ``peak_rss_mb`` (max RSS) is the row's own;
+- rows run in groups of three *at the same time* (``trl-full, full, hft``; ``lift, sparse, freeze``;
+  ``locft, lora, peft-lora``), so the rows that are compared with each other share the machine's state: on a
+  shared box a thread's speed moves by up to 40% within minutes (a busy sibling hyperthread, other processes);
+- per-step times come from a TrainerCallback, ``on_step_begin`` to ``on_step_end`` (forward, backward, clipping,
+  optimizer step), pooled over the row's runs after leaving out each run's first ``--warmup`` steps;
+- the clock is the process CPU time (``--clock cpu``; wall time mostly measures the other processes there), and
+  ``sec_per_step`` is the lower quartile of the pooled steps: interference only ever adds time.
+  ``median_sec_per_step`` and ``wall_sec_per_step`` (median) are reported too;
+- up to 3 rounds, alternating the group order; a round projected to end past ``--budget-s`` is not started.
 
 Settings of the method rows: LIFT uses ``lora_rank = filter_rank = 16``, the budget of the ``lora``/``peft-lora``
 rows (r = 16), so its trainable count equals theirs, and the randomised SVD (``svd: lowrank``) to keep planning
-short; ``sparse`` runs 3 phase-1 steps (not timed); the others use their defaults. Batch 1 of ~85-token sequences,
-10 steps per run, up to 3 rounds; a round projected to end past ``--budget-s`` (18 min) is not started.
+short; ``sparse`` runs 3 phase-1 steps (not timed); the others use their defaults.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def trl_args(out: str, steps: int, batch_size: int, lr: float):
     return SFTConfig(
         output_dir=out,
         learning_rate=lr,
+        num_train_epochs=1.0,
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1,
@@ -102,7 +104,9 @@ def trl_args(out: str, steps: int, batch_size: int, lr: float):
         data_seed=0,
         logging_steps=10**6,
         save_strategy="no",
+        save_total_limit=1,
         bf16=False,
+        activation_checkpointing=False,  # ftlab's default (TRL's is on); the same loop for every row
         report_to="none",
         dataloader_num_workers=0,
         max_length=None,
@@ -177,6 +181,7 @@ def worker(row: str, args: argparse.Namespace) -> dict[str, Any]:
 def run_group(rows: list[str], args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     """Run ``worker(row)`` for every row at the same time, each in a fresh interpreter; parse their result lines."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "FTLAB_PROGRESS": "0"}
+    env["OMP_WAIT_POLICY"] = "PASSIVE"  # what importing ftlab sets; here before torch starts, for every row alike
     procs = []
     for row in rows:
         cmd = [sys.executable, __file__, "--worker", row, "--steps", str(args.steps)]
@@ -196,7 +201,7 @@ def run_group(rows: list[str], args: argparse.Namespace, tmp: Path) -> list[dict
 
 
 def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """One JSON row from every run of a method: medians over post-warm-up steps of all runs."""
+    """One JSON row from every run of a method: step-time quantiles over the post-warm-up steps of all runs."""
     cpu = [t for r in runs for t in r["cpu"][args.warmup :]]
     wall = [t for r in runs for t in r["wall"][args.warmup :]]
     timed = sorted(cpu if args.clock == "cpu" else wall)
@@ -216,8 +221,8 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="leading steps of each run left out of the timing")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="leading steps of each run left out of the timing")
     parser.add_argument("--rounds", type=int, default=3, help="runs per row, interleaved across rows")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-5)

@@ -3,7 +3,7 @@ import json
 import pytest
 from datasets import Dataset
 
-from conftest import write_jsonl
+from _util import write_jsonl
 from ftlab.data import IGNORE, DataError, encode, load_records, sft_dataset
 from ftlab.models import tiny_tokenizer
 

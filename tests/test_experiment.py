@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from _util import write_jsonl
 from ftlab.experiment import load_experiment, sweep_points
 from ftlab.runner import run_experiment
 from ftlab.store import Store
@@ -155,3 +155,17 @@ def test_sweep_points_and_validation(tmp_path):
         load_experiment(exp, ["arms=[]"])
     with pytest.raises(ConfigError, match="unknown method"):
         load_experiment(exp, ["arms=[{name: x, method: {name: nope}}]"])
+
+
+def test_demo_config_has_every_method_and_a_repair_sweep():
+    from ftlab.demo import demo_config
+    from ftlab.experiment import validate
+    from ftlab.methods import METHODS
+
+    cfg = demo_config("out/x")
+    validate(cfg)
+    assert [a.method.name for a in cfg.arms] == list(METHODS)
+    full = next(a for a in cfg.arms if a.name == "full")
+    names = [p[0] for p in sweep_points(full)]
+    assert "full+scale=0.7" in names and "full+lines=0.6" in names
+    assert cfg.base == "smollm2-135m-instruct" and cfg.stages[0].targets == ["fictional-capitals"]

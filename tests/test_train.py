@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
+from _util import write_jsonl
 from ftlab.cli import app
 from ftlab.models import tiny_model
 from ftlab.train.run import run_train

@@ -62,7 +62,7 @@ def run_cmd(
 @app.command()
 def demo(
     out: str = typer.Option("out/demo", "--out", help="Output folder."),
-    steps: int = typer.Option(60, "--steps", help="Optimizer steps per arm."),
+    steps: int = typer.Option(60, "--steps", help="Optimizer steps per arm (batch 4)."),
     store: Path | None = typer.Option(None, "--store", help="SQLite store (default: $FTLAB_STORE or ~/.local/share)."),
 ) -> None:
     """The embedded SmolLM2-135M-Instruct learns invented capitals with every method; prints a table and a report."""

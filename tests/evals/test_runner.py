@@ -157,6 +157,27 @@ def test_choice_loglik_matches_hand_computation(model, tok):
         assert nbytes == len(" " + choice)
 
 
+def test_single_token_options_share_one_forward(model, tok):
+    # MMLU-style letters: with a tokenizer that makes " A" one token, all options come from one forward of the
+    # context, and must equal the log-probabilities a full forward gives.
+    class LetterTok:
+        def __call__(self, text, add_special_tokens=True):
+            if not add_special_tokens and text.strip() in "ABCD" and len(text) == 2:
+                return {"input_ids": [tok.get_vocab()[text.strip()]]}
+            return tok(text, add_special_tokens=add_special_tokens)
+
+        bos_token_id, eos_token_id = tok.bos_token_id, tok.eos_token_id
+
+    item = {"prompt": "Q?\nA. x\nB. y\nC. z\nD. w\nAnswer:", "choices": ["A", "B", "C", "D"], "answer": 2}
+    got = choice_logliks(model, LetterTok(), [item])[0]
+    ctx = torch.tensor([tok(item["prompt"])["input_ids"]])
+    with torch.no_grad():
+        logp = model(input_ids=ctx).logits[0, -1].log_softmax(-1)
+    want = [float(logp[tok.get_vocab()[c]]) for c in "ABCD"]
+    assert [ll for ll, _ in got] == pytest.approx(want, abs=1e-5)
+    assert [nb for _, nb in got] == [2, 2, 2, 2]
+
+
 def test_choice_norm_divides_by_length(tok):
     # Each option token scores log(1/V)-ish under a flat model, so the longer option loses on the sum
     # but ties on the per-byte average; ties go to the first option.
@@ -200,3 +221,30 @@ def test_evaluate_batched_equals_sequential_rows(model, tok):
     assert [r.output for r in a.items] == [r.output for r in b.items]
     assert a.to_dict() == b.to_dict()
     assert set(a.to_dict()) == {"metric", "score", "n", "stderr"} and a.n == len(PROMPTS)
+
+
+def test_training_mode_is_off_during_evaluation_and_restored(model, tok):
+    seen = []
+
+    class Spy(LogitsWrapper):
+        def forward(self, input_ids, attention_mask):
+            seen.append(self.training)
+            return super().forward(input_ids, attention_mask)
+
+    spy = Spy(model).train()
+    items = [{"id": "0", "prompt": "Hi", "answer": ["x"]}]
+    evaluate(spy, tok, Suite("qa", "contains", items, max_new_tokens=3), progress=False)
+    evaluate(spy, tok, Suite("ppl", "perplexity", [{"id": "0", "text": "Some text."}]), progress=False)
+    assert seen and not any(seen)
+    assert spy.training and model.training
+    model.eval()
+
+
+def test_peft_model_generates_like_its_base(tok):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(seed=3).eval()
+    # LoRA's B matrix starts at zero, so the wrapped model computes exactly the base function.
+    peft_model = get_peft_model(tiny_model(seed=3), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    want = generate(base, tok, PROMPTS, batch_size=4, max_new_tokens=8, progress=False)
+    assert generate(peft_model, tok, PROMPTS, batch_size=4, max_new_tokens=8, progress=False) == want

@@ -83,3 +83,25 @@ def test_epoch_redraw_changes_the_half_mid_stage(train_tiny, changed):
     second = planned_names(result.plan_info["epoch_masks"]["1"])
     assert first != second
     assert set(changed(base, model)) == first | second
+
+
+def test_ftlab_train_cli_runs_hft_and_logs_the_mask(tmp_path, completion_file):
+    import json
+
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from ftlab.cli import app
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: tiny-test\ndata: {{train: {completion_file}}}\nmethod: {{name: hft}}\n")
+    out = tmp_path / "o"
+    sets = ["--set", "train.max_steps=2", "--set", "train.lr=0.01", "--set", f"output.dir={out}"]
+    result = CliRunner().invoke(app, ["train", str(cfg), *sets, "--set", "method.params.seed=5"])
+    assert result.exit_code == 0, result.output
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["plan_info"]["seed"] == 5
+    tuned, base = load_file(out / "model" / "model.safetensors"), tiny_model().state_dict()
+    moved = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert moved == planned_names(log["plan_info"]["mask"])
+    assert log["trainable_params"] == sum(base[k].numel() for k in moved)

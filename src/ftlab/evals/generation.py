@@ -24,7 +24,8 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -49,6 +50,19 @@ def model_device(model: object) -> torch.device:
         for p in params():
             return p.device
     return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: object) -> Iterator[None]:
+    """Put a module in eval mode (dropout off) for the block and restore training mode after, if it was on."""
+    was_training = bool(getattr(model, "training", False))
+    if was_training and callable(getattr(model, "eval", None)):
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training and callable(getattr(model, "train", None)):
+            model.train()
 
 
 def uses_chat_template(tokenizer: object) -> bool:
@@ -154,7 +168,10 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
 def _generate_cached(
     model, batch: list[list[int]], max_new_tokens: int, stop: list[int], pad: int, prefix_len: int = 0
 ) -> list[list[int]]:
-    """Greedy decoding with a KV cache; the first ``prefix_len`` tokens (shared by every prompt) are run once."""
+    """Greedy decoding with a KV cache; the first ``prefix_len`` tokens (shared by every prompt) are run once.
+
+    Falls back to ``model.generate`` when the forward returns no cache that can select or repeat batch rows.
+    """
     dev = model_device(model)
     cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
     has_pos, has_keep = _accepts(model, "position_ids"), _accepts(model, "logits_to_keep")
@@ -252,7 +269,8 @@ def generate(
     """Greedy responses to ``prompts``, batched; the result does not depend on ``batch_size``.
 
     Args:
-        model: a Hugging Face causal LM (uses ``generate``) or a logits callable with ``.device``.
+        model: a Hugging Face causal LM (KV-cache loop) or a logits callable with ``.device`` (loop without cache).
+            A model in training mode is switched to eval mode for the call (no dropout) and back afterwards.
         tokenizer: its tokenizer.
         prompts: user messages (chat template applied when the tokenizer has one).
         batch_size: prompts per forward batch.
@@ -276,16 +294,18 @@ def generate(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[list[int]] = [[] for _ in encoded]
     bar = _progress(len(encoded), progress, "generate")
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        rows = [encoded[i] for i in idx]
-        if hf:
-            outs = _generate_cached(model, rows, max_new_tokens, stop, pad, prefix_len=prefix if len(rows) > 1 else 0)
-        else:
-            outs = _generate_loop(model, rows, max_new_tokens, stop, pad)
-        for i, out in zip(idx, outs, strict=True):
-            results[i] = out
-        bar.update(len(idx))
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            rows = [encoded[i] for i in idx]
+            if hf:
+                share = prefix if len(rows) > 1 else 0
+                outs = _generate_cached(model, rows, max_new_tokens, stop, pad, prefix_len=share)
+            else:
+                outs = _generate_loop(model, rows, max_new_tokens, stop, pad)
+            for i, out in zip(idx, outs, strict=True):
+                results[i] = out
+            bar.update(len(idx))
     bar.close()
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in results]
 

@@ -7,7 +7,8 @@ its natural position whatever the model does with ``position_ids``.
 * Multiple choice (lm-evaluation-harness style): for each option, the summed log-probability of the continuation
   ``" " + option`` after the context. ``choice`` picks the highest sum; ``choice_norm`` divides the sum by the
   option's length in UTF-8 bytes first (lm-eval's ``acc_norm``). Context and continuation are tokenised separately
-  and concatenated, so the continuation tokens are exactly the option's. No chat template is used.
+  and concatenated, so the continuation tokens are exactly the option's. No chat template is used. Items whose
+  options are all single tokens (MMLU's letters) are scored from one forward of the context.
 * Perplexity: each text is tokenised with the tokenizer's default special tokens and cut into windows of at most
   ``max_length`` tokens; each window after the first starts with the previous window's last token as context, so
   every token but the very first is scored exactly once. Corpus perplexity is ``exp(sum NLL / sum tokens)``.
@@ -15,7 +16,7 @@ its natural position whatever the model does with ``position_ids``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,6 +24,40 @@ from ftlab.evals.generation import _progress, is_hf_generator, model_device
 
 
 @torch.no_grad()
+def _forward_each(
+    model,
+    seqs: Sequence[Sequence[int]],
+    take: Callable[[torch.Tensor, int], torch.Tensor],
+    batch_size: int,
+    max_batch_tokens: int,
+    progress: bool,
+) -> list[torch.Tensor]:
+    """Run right-padded batches of ``seqs`` and apply ``take(logits of sequence j (T_j, V), j)`` to each."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    dev = model_device(model)
+    extra = {"use_cache": False} if is_hf_generator(model) else {}
+    bar = _progress(len(seqs), progress, "score")
+    i = 0
+    while i < len(order):
+        width = len(seqs[order[i]])
+        n = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
+        idx = order[i : i + n]
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, j in enumerate(idx):
+            ids[r, : len(seqs[j])] = torch.tensor(list(seqs[j]))
+            mask[r, : len(seqs[j])] = 1
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **extra).logits  # (B, T, V)
+        for r, j in enumerate(idx):
+            out[j] = take(logits[r, : len(seqs[j])], j).cpu()
+        del logits
+        bar.update(len(idx))
+        i += len(idx)
+    bar.close()
+    return out
+
+
 def sequence_logprobs(
     model,
     seqs: Sequence[Sequence[int]],
@@ -47,32 +82,36 @@ def sequence_logprobs(
     for s, seq in zip(starts, seqs, strict=True):
         if not 1 <= s <= len(seq):
             raise ValueError(f"scored tokens must start at an index in 1..{len(seq)}, got {s}")
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-    dev = model_device(model)
-    extra = {"use_cache": False} if is_hf_generator(model) else {}
-    bar = _progress(len(seqs), progress, "score")
-    i = 0
-    while i < len(order):
-        width = len(seqs[order[i]])
-        n = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
-        idx = order[i : i + n]
-        ids = torch.zeros((len(idx), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, j in enumerate(idx):
-            ids[r, : len(seqs[j])] = torch.tensor(list(seqs[j]))
-            mask[r, : len(seqs[j])] = 1
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **extra).logits  # (B, T, V)
-        for r, j in enumerate(idx):
-            s, end = starts[j], len(seqs[j])
-            # Logits at position p predict token p + 1.
-            lp = logits[r, s - 1 : end - 1].float().log_softmax(-1)
-            out[j] = lp.gather(-1, ids[r, s:end].to(lp.device).unsqueeze(-1)).squeeze(-1).cpu()
-        del logits
-        bar.update(len(idx))
-        i += len(idx)
-    bar.close()
-    return out
+
+    def take(logits: torch.Tensor, j: int) -> torch.Tensor:
+        # Logits at position p predict token p + 1.
+        lp = logits[starts[j] - 1 : -1].float().log_softmax(-1)
+        target = torch.tensor(list(seqs[j][starts[j] :]), device=lp.device)
+        return lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+    return _forward_each(model, seqs, take, batch_size, max_batch_tokens, progress)
+
+
+def next_token_logprobs(
+    model, contexts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]], batch_size: int = 16
+) -> list[torch.Tensor]:
+    """Log-probability of each candidate token right after each context (one forward per context).
+
+    Args:
+        model: a Hugging Face causal LM or a logits callable with ``.device``.
+        contexts: token id sequences (non-empty).
+        candidates: per context, the token ids to score.
+        batch_size: most sequences per forward.
+
+    Returns:
+        Per context, a float32 CPU tensor ``(len(candidates[j]),)``.
+    """
+
+    def take(logits: torch.Tensor, j: int) -> torch.Tensor:
+        lp = logits[-1].float().log_softmax(-1)
+        return lp[torch.tensor(list(candidates[j]), device=lp.device)]
+
+    return _forward_each(model, contexts, take, batch_size, 4096, False)
 
 
 def _context_ids(tokenizer, context: str) -> list[int]:
@@ -87,6 +126,9 @@ def choice_logliks(
 ) -> list[list[tuple[float, int]]]:
     """Summed log-likelihood of each option of each multiple-choice item.
 
+    When every option of an item is a single token (MMLU's letters), one forward of the context scores them all;
+    otherwise each option gets its own sequence ``context + option``.
+
     Args:
         model: a Hugging Face causal LM or a logits callable.
         tokenizer: its tokenizer.
@@ -97,21 +139,28 @@ def choice_logliks(
     Returns:
         Per item, per option, ``(sum log-prob, UTF-8 byte length of the continuation)``.
     """
-    seqs, starts, nbytes = [], [], []
-    for item in items:
+    seqs, starts, owners = [], [], []  # one sequence per (item, option) for multi-token options
+    short_ctx, short_cands, short_items = [], [], []  # one context per item whose options are single tokens
+    nbytes = []
+    for k, item in enumerate(items):
         ctx = _context_ids(tokenizer, item["prompt"])
-        for choice in item["choices"]:
-            cont = " " + str(choice)
-            seqs.append(ctx + tokenizer(cont, add_special_tokens=False)["input_ids"])
+        conts = [tokenizer(" " + str(c), add_special_tokens=False)["input_ids"] for c in item["choices"]]
+        nbytes.append([len((" " + str(c)).encode("utf-8")) for c in item["choices"]])
+        if all(len(c) == 1 for c in conts):
+            short_ctx.append(ctx)
+            short_cands.append([c[0] for c in conts])
+            short_items.append(k)
+            continue
+        for c, cont in enumerate(conts):
+            seqs.append(ctx + cont)
             starts.append(len(ctx))
-            nbytes.append(len(cont.encode("utf-8")))
-    lps = sequence_logprobs(model, seqs, starts, batch_size=batch_size, progress=progress)
-    result, k = [], 0
-    for item in items:
-        n = len(item["choices"])
-        result.append([(float(lps[k + c].sum()), nbytes[k + c]) for c in range(n)])
-        k += n
-    return result
+            owners.append((k, c))
+    sums: list[list[float]] = [[0.0] * len(item["choices"]) for item in items]
+    for (k, c), lp in zip(owners, sequence_logprobs(model, seqs, starts, batch_size, progress=progress), strict=True):
+        sums[k][c] = float(lp.sum())
+    for k, lp in zip(short_items, next_token_logprobs(model, short_ctx, short_cands, batch_size), strict=True):
+        sums[k] = [float(x) for x in lp]
+    return [list(zip(s, nb, strict=True)) for s, nb in zip(sums, nbytes, strict=True)]
 
 
 def pick_choice(logliks: Sequence[tuple[float, int]], normalize: bool) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ftlab.evals.generation import generate
+from ftlab.evals.generation import eval_mode, generate
 from ftlab.evals.loglik import choice_logliks, pick_choice, text_nll
 from ftlab.evals.scorers import GENERATIVE_SCORERS, mean_stderr, perplexity_stderr
 from ftlab.evals.suites import Suite
@@ -99,7 +99,8 @@ def evaluate(
 
     Args:
         model: a Hugging Face causal LM, or any callable ``model(input_ids=..., attention_mask=...)`` returning an
-            object with ``.logits`` and having ``.device`` (greedy loop without KV cache for generation).
+            object with ``.logits`` and having ``.device`` (greedy loop without KV cache for generation). A model
+            in training mode is evaluated in eval mode (no dropout) and switched back afterwards.
         tokenizer: its tokenizer (chat template used for generation when it has one).
         suite: the suite to run.
         batch_size: prompts (or sequences) per forward batch; results do not depend on it.
@@ -111,6 +112,12 @@ def evaluate(
     """
     if not suite.items:
         raise ValueError(f"suite {suite.name!r} has no items")
+    with eval_mode(model):
+        rows, score, stderr = _run(model, tokenizer, suite, batch_size, max_new_tokens, progress)
+    return SuiteResult(suite.name, suite.metric, score, len(rows), stderr, suite.higher_is_better, rows)
+
+
+def _run(model, tokenizer, suite: Suite, batch_size: int, max_new_tokens: int | None, progress: bool) -> tuple:
     if suite.kind == "generate":
         max_new = max_new_tokens or suite.max_new_tokens
         rows = _run_generate(model, tokenizer, suite, batch_size, max_new, progress)
@@ -128,7 +135,7 @@ def evaluate(
         score, stderr = perplexity_stderr([s for s, _ in nll], [k for _, k in nll])
     else:
         raise ValueError(f"suite {suite.name!r}: unknown kind {suite.kind!r}")
-    return SuiteResult(suite.name, suite.metric, score, len(rows), stderr, suite.higher_is_better, rows)
+    return rows, score, stderr
 
 
 def evaluate_many(model, tokenizer, suites: list[Suite], **kw) -> dict[str, SuiteResult]:
