@@ -7,6 +7,7 @@ Typical use::
 """
 
 from ftlab.evals.forgetting import continual_metrics, forgetting_summary, retained_ratio, target_gain
+from ftlab.evals.generation import generate
 from ftlab.evals.loaders import SuiteFormatError
 from ftlab.evals.procedural import SHORT_ANSWER, arithmetic_items, fictional_capitals, fictional_capitals_train_records
 from ftlab.evals.runner import ItemResult, SuiteResult, evaluate, evaluate_many
@@ -28,6 +29,7 @@ __all__ = [
     "fictional_capitals",
     "fictional_capitals_train_records",
     "forgetting_summary",
+    "generate",
     "load_suite",
     "retained_ratio",
     "target_gain",
