@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from _util import write_jsonl
 from datasets import Dataset
 
-from _util import write_jsonl
 from ftlab.data import IGNORE, DataError, encode, load_records, sft_dataset
 from ftlab.models import tiny_tokenizer
 
@@ -49,7 +49,7 @@ def test_wrong_role_and_empty(tmp_path):
 def test_loss_only_on_completion():
     tok = tiny_tokenizer()
     row = encode({"prompt": "Question?", "completion": "Answer"}, "completion", tok)
-    learned = tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
+    learned = tok.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=False) if lab != IGNORE])
     assert learned == "Answer<|im_end|>\n"
     assert tok.decode(row["input_ids"]).startswith("<|im_start|>user\nQuestion?<|im_end|>")
 
@@ -64,7 +64,7 @@ def test_loss_on_every_assistant_turn_only():
         {"role": "assistant", "content": "A2"},
     ]
     row = encode({"messages": msgs}, "chat", tok)
-    learned = tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
+    learned = tok.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=False) if lab != IGNORE])
     assert learned == "A1<|im_end|>\nA2<|im_end|>\n"
     full = tok.apply_chat_template(msgs, tokenize=False)
     assert tok.decode(row["input_ids"]) == full

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _util import write_jsonl
+
 from ftlab.experiment import load_experiment, sweep_points
 from ftlab.runner import run_experiment
 from ftlab.store import Store
@@ -33,9 +33,9 @@ base: tiny-test
 out: {out}
 train: {{lr: 0.003, max_steps: 6, batch_size: 4, save_steps: 3, logging_steps: 3}}
 stages:
-  - {{name: a, data: {tmp_path / 'a.jsonl'}, targets: [{tmp_path / 'a_test.jsonl'}]}}
-  - {{name: b, data: {tmp_path / 'b.jsonl'}, targets: [{tmp_path / 'b_test.jsonl'}], train: {{max_steps: {steps2}}}}}
-retained: [{tmp_path / 'text.txt'}]
+  - {{name: a, data: {tmp_path / "a.jsonl"}, targets: [{tmp_path / "a_test.jsonl"}]}}
+  - {{name: b, data: {tmp_path / "b.jsonl"}, targets: [{tmp_path / "b_test.jsonl"}], train: {{max_steps: {steps2}}}}}
+retained: [{tmp_path / "text.txt"}]
 arms:
   - {{name: full, method: {{name: full}}, post: {{scale: [0.0, 1.0]}}}}
   - {{name: lora, method: {{name: lora, params: {{r: 4}}}}, train: {{lr: 0.01}}}}
@@ -91,7 +91,7 @@ def _close(a, b, tol=1e-6) -> bool:
         return all(_close(a[k], b[k], tol) for k in a)
     if isinstance(a, list):
         assert len(a) == len(b)
-        return all(_close(x, y, tol) for x, y in zip(a, b))
+        return all(_close(x, y, tol) for x, y in zip(a, b, strict=False))
     if isinstance(a, float) and isinstance(b, float):
         assert abs(a - b) <= tol * max(1.0, abs(b)), (a, b)
         return True

@@ -4,11 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from _util import write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from _util import write_jsonl
 from ftlab.cli import app
 from ftlab.models import tiny_model
 from ftlab.train.run import run_train
@@ -50,7 +50,9 @@ def test_lora_keeps_base_bit_identical(tiny_config):
     assert result.trainable_params == sum(v.numel() for v in adapter.values())
     assert not (out / "model").exists()  # merged copy only on request
     merged = result.final_model().state_dict()
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])  # not a LoRA target
 
 
@@ -108,8 +110,10 @@ def test_embedded_model_loads_and_answers():
     model, tok = load_model("smollm2-135m-instruct")
     assert model.config.num_hidden_layers == 30
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_dict=True,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_dict=True,
         return_tensors="pt",
     )
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1] :])

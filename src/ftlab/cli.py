@@ -96,7 +96,9 @@ class _clear_errors:
         from ftlab.data import DataError
         from ftlab.models import ModelNotFoundError
 
-        if exc_type is not None and issubclass(exc_type, (ConfigError, DataError, ModelNotFoundError, FileNotFoundError)):
+        if exc_type is not None and issubclass(
+            exc_type, (ConfigError, DataError, ModelNotFoundError, FileNotFoundError)
+        ):
             typer.secho(f"error: {exc}", err=True, fg="red")
             raise typer.Exit(2)
         return False

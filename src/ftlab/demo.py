@@ -47,6 +47,9 @@ def demo_config(out: str = "out/demo", steps: int = 60) -> ExperimentConfig:
         "stages": [{"name": "capitals", "data": "fictional-capitals", "targets": ["fictional-capitals"]}],
         "retained": ["world-facts", "arithmetic", "instructions", "general-text"],
         "arms": arms,
-        "eval": {"batch_size": 48, "limits": {"world-facts": 80, "arithmetic": 30, "instructions": 24, "general-text": 8}},
+        "eval": {
+            "batch_size": 48,
+            "limits": {"world-facts": 80, "arithmetic": 30, "instructions": 24, "general-text": 8},
+        },
     }
     return from_dict(ExperimentConfig, data)

@@ -150,7 +150,7 @@ def sweep_points(arm: ArmConfig) -> list[tuple[str, str, dict[str, Any]]]:
         keys = list(spec)
         grids = [v if isinstance(v, list) else [v] for v in spec.values()]
         for combo in itertools.product(*grids):
-            settings = dict(zip(keys, combo))
+            settings = dict(zip(keys, combo, strict=False))
             label = str(combo[0]) if len(keys) == 1 else ",".join(f"{k}{v}" for k, v in settings.items())
             points.append((f"{arm.name}+{edit}={label}", edit, settings))
     return points

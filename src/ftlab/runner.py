@@ -88,7 +88,9 @@ def stage_records(cfg: ExperimentConfig, stage: StageConfig) -> tuple[list[dict]
         extra = source(ref)[0]
         records = records + random.Random(cfg.seed).sample(extra, round(fraction * len(extra)))
     if stage.trainer == "sft" and fmt == "verifiable":  # SFT on a verifiable task learns the reference answer
-        records = [{**r, "completion": r["answer"] if isinstance(r["answer"], str) else r["answer"][0]} for r in records]
+        records = [
+            {**r, "completion": r["answer"] if isinstance(r["answer"], str) else r["answer"][0]} for r in records
+        ]
         fmt = "completion"
     return records, fmt
 
@@ -266,7 +268,9 @@ def summarise(store: Store, run_id: str) -> dict[str, Any]:
         first = 1 if arm["kind"] == "train" else n
         per_stage = [{s: r["score"] for s, r in score.get((name, t), {}).items()} for t in range(first, n + 1)]
         final = score.get((name, n), {})
-        gains = [target_gain(base[s], final[s]["score"]) for st in stage_targets for s in st if s in final and s in base]
+        gains = [
+            target_gain(base[s], final[s]["score"]) for st in stage_targets for s in st if s in final and s in base
+        ]
         retained = {
             s: retained_ratio(base[s], r["score"], bool(r["higher_is_better"]))
             for s, r in final.items()

@@ -99,7 +99,9 @@ class Store:
         try:
             version = con.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path}: schema version {version} is newer than this ftlab ({SCHEMA_VERSION})")
+                raise RuntimeError(
+                    f"{self.path}: schema version {version} is newer than this ftlab ({SCHEMA_VERSION})"
+                )
             for step in MIGRATIONS[version:]:
                 for statement in step.split(";"):
                     if statement.strip():
@@ -138,7 +140,7 @@ class Store:
             )
 
     def finish_stage(self, run_id: str, arm: str, stage: int, name: str, **fields: Any) -> None:
-        """Record a finished stage (train_seconds, trainable_params, optimizer_state_bytes, steps, model_path, info)."""
+        """Record a finished stage: train_seconds, trainable_params, optimizer_state_bytes, steps, model_path, info."""
         info = json.dumps(fields.get("info", {}), default=str)
         with self._tx() as con:
             con.execute(
@@ -160,11 +162,24 @@ class Store:
                     float(result.stderr), int(result.higher_is_better),
                 ),
             )  # fmt: skip
-            con.execute("DELETE FROM items WHERE run_id=? AND arm=? AND stage=? AND suite=?", (run_id, arm, stage, result.suite))
+            con.execute(
+                "DELETE FROM items WHERE run_id=? AND arm=? AND stage=? AND suite=?",
+                (run_id, arm, stage, result.suite),
+            )
             con.executemany(
                 "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (run_id, arm, stage, result.suite, str(it.item_id), it.prompt, it.output, str(it.reference), float(it.score))
+                    (
+                        run_id,
+                        arm,
+                        stage,
+                        result.suite,
+                        str(it.item_id),
+                        it.prompt,
+                        it.output,
+                        str(it.reference),
+                        float(it.score),
+                    )
                     for it in result.items
                 ],
             )

@@ -44,6 +44,13 @@ def test_builtin_items_are_well_formed():
     assert all(it["rules"] for it in load_suite("instructions").items)
 
 
+def test_world_facts_prefix_is_a_mix_of_domains():
+    domains = [it["domain"] for it in load_suite("world-facts").items]
+    first = [it["domain"] for it in load_suite("world-facts", limit=40).items]
+    assert set(first) == set(domains)
+    assert 0.3 < first.count("capitals") / len(first) < 0.6
+
+
 def test_general_text_is_a_few_thousand_words():
     texts = [it["text"] for it in load_suite("general-text").items]
     words = sum(len(t.split()) for t in texts)

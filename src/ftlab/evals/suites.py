@@ -3,7 +3,8 @@
 Built-in suites (``BUILTIN_SUITES``), written for ftlab:
 
 * ``world-facts``: short-answer facts (many real capitals, science, animals, geography, history and culture,
-  everyday knowledge), scored with ``contains``; ``suites/world-facts.jsonl``.
+  everyday knowledge), scored with ``contains``; ``suites/world-facts.jsonl``. Items are stored in stratified
+  order (domains interleaved in proportion), so ``limit=N`` keeps a representative mix, not only capitals.
 * ``arithmetic``: two-digit sums and differences and one-by-two-digit products from a fixed seed, ``numeric``.
 * ``instructions``: prompts with verifiable rules (case, lengths, bullets, words, JSON, ...), ``rules``;
   ``suites/instructions.jsonl``.

@@ -97,7 +97,7 @@ def trainable_count(model: nn.Module, plan: Plan) -> int:
     for name, p in target.named_parameters():
         if name in plan.trainable:
             mask = plan.grad_masks.get(name)
-            total += int(mask.sum()) if mask is not None else p.numel()
+            total += int(mask.count_nonzero()) if mask is not None else p.numel()
     return total
 
 

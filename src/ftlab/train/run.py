@@ -32,7 +32,9 @@ def run_train(cfg: RunConfig) -> tuple[Path, TrainResult]:
     if not cfg.data.train:
         raise ConfigError("data.train: no training data given")
     if cfg.train.trainer != "sft":
-        raise ConfigError(f"train.trainer: `ftlab train` runs sft; {cfg.train.trainer!r} runs as a stage of `ftlab run`")
+        raise ConfigError(
+            f"train.trainer: `ftlab train` runs sft; {cfg.train.trainer!r} runs as a stage of `ftlab run`"
+        )
     method_config(cfg.method.name, cfg.method.params)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -44,7 +46,9 @@ def run_train(cfg: RunConfig) -> tuple[Path, TrainResult]:
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    result = train_sft(model, tokenizer, dataset, cfg.method, cfg.train, partial / "work", max_length=cfg.data.max_length)
+    result = train_sft(
+        model, tokenizer, dataset, cfg.method, cfg.train, partial / "work", max_length=cfg.data.max_length
+    )
     if cfg.method.name == "lora":
         result.model.save_pretrained(partial / "adapter", safe_serialization=True)
         tokenizer.save_pretrained(partial / "adapter")
