@@ -14,7 +14,6 @@ Paper: Rafailov et al., "Direct Preference Optimization: Your Language Model is 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from trl import DPOConfig, DPOTrainer
 from ftlab.config import MethodConfig, TrainConfig
 from ftlab.data.records import WHERE, DataError
 from ftlab.data.tokenize import sft_dataset
-from ftlab.methods import PlanContext, apply_plan, get_method, method_config, optimizer_state_bytes, trainable_count
-from ftlab.train.sft import TrainResult, latest_checkpoint
+from ftlab.methods import PlanContext, apply_plan, get_method, method_config
+from ftlab.train.sft import TrainResult, run_trainer
 from ftlab.train.trainer_args import base_trainer_kwargs
 
 
@@ -166,21 +165,4 @@ def train_dpo(
         optimizers=(optimizer, None),
         callbacks=[*plan.callbacks, *(callbacks or [])],
     )
-    checkpoint = latest_checkpoint(work_dir) if resume else None
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - t0
-    for h in handles:
-        h.remove()
-    opt = trainer.optimizer
-    target.eval()
-    return TrainResult(
-        model=target,
-        trainable_params=trainable_count(model, plan),
-        optimizer_state_bytes=optimizer_state_bytes(getattr(opt, "optimizer", opt)),
-        train_seconds=seconds,
-        steps=trainer.state.global_step,
-        log_history=list(trainer.state.log_history),
-        plan_info=dict(plan.info),
-        finalize=plan.finalize,
-    )
+    return run_trainer(trainer, model, target, plan, handles, work_dir, resume)

@@ -28,7 +28,6 @@ Continual Post-Training", arXiv 2507.05386) and where we differ:
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +44,9 @@ from trl.trainer.utils import add_fused_lm_head
 from ftlab.config import MethodConfig, TrainConfig
 from ftlab.data.records import WHERE, DataError
 from ftlab.data.tokenize import sft_dataset
-from ftlab.methods import PlanContext, apply_plan, get_method, method_config, optimizer_state_bytes, trainable_count
+from ftlab.methods import PlanContext, apply_plan, get_method, method_config
 from ftlab.train.rewards import REWARDS, format_reward, get_reward, score
-from ftlab.train.sft import TrainResult, latest_checkpoint
+from ftlab.train.sft import TrainResult, run_trainer
 from ftlab.train.trainer_args import base_trainer_kwargs
 
 RolloutFn = Callable[[list[Any], int], list[list[str]]]  # (prompts, n) -> n completions per prompt
@@ -358,27 +357,10 @@ def train_grpo(
         ref = None  # TRL then computes the reference with the adapters switched off: the same model, no copy
     optimizer = plan.optimizer_factory(target, train) if plan.optimizer_factory else None
     trainer = _trainer(target, ref, tokenizer, dataset, args, grpo, optimizer, [*plan.callbacks, *(callbacks or [])])
-    checkpoint = latest_checkpoint(work_dir) if resume else None
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - t0
-    for h in handles:
-        h.remove()
-    opt = trainer.optimizer
-    target.eval()
     info = dict(plan.info)
     if rif_info is not None:
         info["rif"] = rif_info
-    return TrainResult(
-        model=target,
-        trainable_params=trainable_count(model, plan),
-        optimizer_state_bytes=optimizer_state_bytes(getattr(opt, "optimizer", opt)),
-        train_seconds=seconds,
-        steps=trainer.state.global_step,
-        log_history=list(trainer.state.log_history),
-        plan_info=info,
-        finalize=plan.finalize,
-    )
+    return run_trainer(trainer, model, target, plan, handles, work_dir, resume, info)
 
 
 def _first(answer: str | list[str]) -> str:

@@ -133,6 +133,37 @@ def train_sft(
         data_collator=data_collator,
         callbacks=[*plan.callbacks, *(callbacks or [])],
     )
+    return run_trainer(trainer, model, target, plan, handles, work_dir, resume)
+
+
+def run_trainer(
+    trainer: Any,
+    model: nn.Module,
+    target: nn.Module,
+    plan: Any,
+    handles: list[Any],
+    work_dir: str | Path,
+    resume: bool,
+    info: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train with a built TRL trainer (resuming from the newest complete checkpoint when asked) and collect the result.
+
+    Shared by the SFT, DPO and GRPO adapters so every objective ends a stage the same way: gradient-mask hooks
+    removed, optimizer state measured, the trained model in eval mode.
+
+    Args:
+        trainer: the TRL trainer, already holding ``target``.
+        model: the original model (for counting planned entries).
+        target: the model the trainer trains (a PEFT wrapper for LoRA).
+        plan: the method's Plan.
+        handles: hook handles from ``apply_plan``.
+        work_dir: the trainer's checkpoint folder.
+        resume: continue from the newest complete checkpoint in ``work_dir``.
+        info: facts to store beside the plan's own (default: the plan's info).
+
+    Returns:
+        The TrainResult.
+    """
     checkpoint = latest_checkpoint(work_dir) if resume else None
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -140,16 +171,15 @@ def train_sft(
     for h in handles:
         h.remove()
     opt = trainer.optimizer
-    state_bytes = optimizer_state_bytes(getattr(opt, "optimizer", opt))
     target.eval()
     return TrainResult(
         model=target,
         trainable_params=trainable_count(model, plan),
-        optimizer_state_bytes=state_bytes,
+        optimizer_state_bytes=optimizer_state_bytes(getattr(opt, "optimizer", opt)),
         train_seconds=seconds,
         steps=trainer.state.global_step,
         log_history=list(trainer.state.log_history),
-        plan_info=plan.info,
+        plan_info=dict(plan.info) if info is None else info,
         finalize=plan.finalize,
     )
 
