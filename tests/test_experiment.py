@@ -120,6 +120,55 @@ def test_summary_figures_and_repair_identities(tmp_path):
     assert (tmp_path / "o" / "arms" / "lora" / "model" / "model.safetensors").exists()
 
 
+def test_deleted_output_folder_means_a_fresh_run(tmp_path):
+    """Resume reuses stored scores only while the output folder that holds the run's models still exists."""
+    import shutil
+    import sqlite3
+
+    exp = make_experiment(tmp_path, str(tmp_path / "o"), steps2=3)
+    db = tmp_path / "s.db"
+    first = run_experiment(load_experiment(exp), Store(db))
+    run_id = first["run_id"]
+    with sqlite3.connect(db) as con:  # a stored score the resume logic must either reuse or recompute
+        con.execute("UPDATE results SET score=999 WHERE run_id=? AND arm='lora' AND stage=2", (run_id,))
+    resumed = run_experiment(load_experiment(exp), Store(db))
+    assert 999 in resumed["arms"]["lora"]["stages"][-1].values()  # same folder: finished work is not redone
+
+    shutil.rmtree(tmp_path / "o")
+    fresh = run_experiment(load_experiment(exp), Store(db))
+    assert fresh["run_id"] == run_id
+    assert _close(strip(fresh), strip(first))  # recomputed, nothing stale
+    assert Store(db).count("stages", run_id) == 4
+
+
+def test_two_processes_under_accelerate_launch_match_one(tmp_path):
+    """`accelerate launch` with two CPU processes: one writer, no duplicate rows, the same base scores."""
+    import shutil
+
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("accelerate CLI not on PATH")
+    exp = make_experiment(tmp_path, str(tmp_path / "ddp"), steps2=3)
+    db = tmp_path / "ddp.db"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "ftlab", "run", str(exp), "--store", str(db),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = Store(db)
+    (run,) = store.runs()
+    assert store.count("stages", run["run_id"]) == 4  # 2 arms x 2 stages, each written once
+    assert store.count("results", run["run_id"]) == 3 + 2 * 2 * 3 + 2 * 3
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    single = run_experiment(
+        load_experiment(make_experiment(tmp_path, str(tmp_path / "one"), steps2=3)), Store(tmp_path / "one.db")
+    )
+    assert summary["base"] == pytest.approx(single["base"])  # evaluation is the main process's, on the same base
+    assert (tmp_path / "ddp" / "arms" / "lora" / "model").is_dir()
+
+
 def test_concurrent_writers_lose_nothing(tmp_path):
     from types import SimpleNamespace
 

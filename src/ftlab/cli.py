@@ -62,7 +62,7 @@ def run_cmd(
 @app.command()
 def demo(
     out: str = typer.Option("out/demo", "--out", help="Output folder."),
-    steps: int = typer.Option(60, "--steps", help="Optimizer steps per arm (batch 4)."),
+    steps: int = typer.Option(18, "--steps", help="Optimizer steps per arm (batch 8)."),
     store: Path | None = typer.Option(None, "--store", help="SQLite store (default: $FTLAB_STORE or ~/.local/share)."),
 ) -> None:
     """The embedded SmolLM2-135M-Instruct learns invented capitals with every method; prints a table and a report."""
@@ -75,13 +75,10 @@ def demo(
         st = Store(store)
         summary = run_experiment(cfg, st)
     print_table(summary)
-    try:
-        from ftlab.report import render_report
+    from ftlab.report import render_report
 
-        page = render_report(st, summary["run_id"], Path(out) / "report.html")
-        typer.echo(f"report: {page}")
-    except ImportError:
-        typer.echo("report: not available (ftlab.report missing)")
+    page = render_report(st, summary["run_id"], Path(out) / "report.html")
+    typer.echo(f"report: {page}")
     typer.echo(f"summary: {Path(out) / 'summary.json'}")
 
 

@@ -68,6 +68,7 @@ class EvalSettings:
     limit: int | None = None  # items per suite (None: all)
     limits: dict[str, int] = field(default_factory=dict)  # per-suite item caps, over `limit`
     scorers: dict[str, str] = field(default_factory=dict)  # per-suite scorer, over the suite's default
+    max_new_tokens: dict[str, int] = field(default_factory=dict)  # per-suite generation cap, over the suite's
     batch_size: int = 16
 
 
@@ -120,6 +121,11 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"stages[{i}].trainer: {stage.trainer!r} is not sft, grpo or dpo")
         stage.name = stage.name or f"stage{i + 1}"
         train_config(cfg, stage, ArmConfig())
+    targets, retained = all_suites(cfg)
+    for key in ("limits", "scorers", "max_new_tokens"):
+        unknown = sorted(set(getattr(cfg.eval, key)) - set(targets + retained))
+        if unknown:
+            raise ConfigError(f"eval.{key}: {', '.join(unknown)} is not a target or retained suite of this experiment")
     for i, arm in enumerate(cfg.arms):
         if arm.trainer not in ("", "sft", "grpo", "dpo"):
             raise ConfigError(f"arms[{i}].trainer: {arm.trainer!r} is not sft, grpo or dpo")

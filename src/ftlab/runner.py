@@ -2,7 +2,10 @@
 
 Run it with ``ftlab run EXPERIMENT.yaml [--set key=value] [--out DIR]``, or from Python with
 ``run_experiment(load_experiment(path))``. Multi-GPU: ``accelerate launch -m ftlab run EXPERIMENT.yaml`` runs
-the same code; the trainers are accelerate-aware and only the main process writes the store and the files.
+the same code: every process trains (the trainers are accelerate-aware), and only the main process evaluates,
+writes the store, saves models and runs repair sweeps while the others wait at a barrier. Evaluation is not split
+across processes, so a long evaluation can outlast the process group's timeout (30 minutes by default); raise it
+with accelerate's settings for long suites.
 """
 
 from __future__ import annotations
@@ -43,10 +46,10 @@ console = Console(stderr=True)
 class Evaluator:
     """Loads each suite once and scores models on it, writing results and items to the store."""
 
-    def __init__(self, cfg: ExperimentConfig, store: Store, run_id: str) -> None:
+    def __init__(self, cfg: ExperimentConfig, store: Store, run_id: str, enabled: bool = True) -> None:
         from ftlab.evals import load_suite
 
-        self.cfg, self.store, self.run_id = cfg, store, run_id
+        self.cfg, self.store, self.run_id, self.enabled = cfg, store, run_id, enabled
         self.targets, self.retained = all_suites(cfg)
         self.suites = {}
         for name in self.targets + self.retained:
@@ -59,8 +62,13 @@ class Evaluator:
     def run(self, model: Any, tokenizer: Any, arm: str, stage: int, names: list[str]) -> None:
         from ftlab.evals import evaluate
 
+        if not self.enabled:  # a non-main process of a multi-process run
+            return
         for name in self.missing(arm, stage, names):
-            result = evaluate(model, tokenizer, self.suites[name], batch_size=self.cfg.eval.batch_size)
+            result = evaluate(
+                model, tokenizer, self.suites[name], batch_size=self.cfg.eval.batch_size,
+                max_new_tokens=self.cfg.eval.max_new_tokens.get(name),
+            )  # fmt: skip
             role = "target" if name in self.targets else "retained"
             self.store.add_result(self.run_id, arm, stage, role, result)
             console.print(f"  [dim]{arm} stage {stage}[/] {name}: {result.metric} = {result.score:.3f}")
@@ -130,6 +138,9 @@ def train_stage(
 
 def run_arm(cfg: ExperimentConfig, arm: ArmConfig, store: Store, run_id: str, ev: Evaluator, out: Path) -> None:
     """All stages of one arm, then its repair sweep; finished work is skipped."""
+    from accelerate import PartialState
+
+    ranks = PartialState()
     n = len(cfg.stages)
     store.add_arm(run_id, arm.name, "train", arm.method.name, None, {"method": vars(arm.method), "train": arm.train})
     model = tokenizer = None
@@ -152,19 +163,22 @@ def run_arm(cfg: ExperimentConfig, arm: ArmConfig, store: Store, run_id: str, ev
             work = arm_dir(out, arm.name) / f"stage-{t}.work"
             result = train_stage(model, tokenizer, cfg, stage, arm, t, work)
             model = result.final_model()
-            save_model(model, tokenizer, model_dir)
-            clean_work(work)
+            if ranks.is_main_process:
+                save_model(model, tokenizer, model_dir)
+                clean_work(work)
             store.finish_stage(
                 run_id, arm.name, t, stage.name,
                 train_seconds=result.train_seconds, trainable_params=result.trainable_params,
                 optimizer_state_bytes=result.optimizer_state_bytes, steps=result.steps,
                 model_path=str(model_dir), info=result.plan_info,
             )  # fmt: skip
+            ranks.wait_for_everyone()
         if model is not None:
             ev.run(model, tokenizer, arm.name, t, eval_names)
     store.add_artifact(run_id, arm.name, "model", str(stage_model_dir(out, arm.name, n, n)))
-    if arm.post and model is not None:
+    if arm.post and model is not None and ranks.is_main_process:
         run_sweep(cfg, arm, store, run_id, ev, model, tokenizer)
+    ranks.wait_for_everyone()
 
 
 def run_sweep(
@@ -196,6 +210,10 @@ def run_sweep(
     del base_model
 
 
+# Written into the output folder when a run starts; its absence means the folder holds none of the run's work.
+RUN_MARKER = ".ftlab-run"
+
+
 def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[str, Any]:
     """Run (or resume) an experiment; returns the summary that is also written to ``<out>/summary.json``.
 
@@ -206,28 +224,46 @@ def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[st
     Returns:
         The summary dict (see ``summarise``).
     """
+    from accelerate import PartialState
+
+    from ftlab.config import to_dict
+
     torch.manual_seed(cfg.seed)
+    ranks = PartialState()  # one process unless started by `accelerate launch`
     store = store or Store()
+    if not ranks.is_main_process:
+        store = Store(store.path, read_only=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     run_id = run_id_for(cfg)
-    from ftlab.config import to_dict
 
-    ev = Evaluator(cfg, store, run_id)  # loads every suite first: a bad suite file fails before any training
+    # loads every suite first: a bad suite file fails before any training
+    ev = Evaluator(cfg, store, run_id, enabled=ranks.is_main_process)
     config = {**to_dict(cfg), "suite_names": {ref: suite.name for ref, suite in ev.suites.items()}}
-    store.start_run(run_id, cfg.name, str(out.resolve()), config, cfg.seed, _git_sha(), _versions())
+    marker = out / RUN_MARKER
+    if ranks.is_main_process:
+        if store.run(run_id) and not marker.exists():
+            # The store knows this run but its output folder is new (deleted or never made here): start afresh
+            # rather than reuse scores of models that no longer exist.
+            console.print(f"run {run_id}: output folder {out} is new; earlier results of this run are dropped")
+            store.forget_run(run_id)
+        store.start_run(run_id, cfg.name, str(out.resolve()), config, cfg.seed, _git_sha(), _versions())
+        marker.write_text(run_id + "\n")
+    ranks.wait_for_everyone()
     console.print(f"run [bold]{run_id}[/] -> {out}  (store {store.path})")
     store.add_arm(run_id, "base", "base", "none", None, {"model": cfg.base})
-    if ev.missing("base", 0, ev.targets + ev.retained):
+    if ranks.is_main_process and ev.missing("base", 0, ev.targets + ev.retained):
         base, tok = load_model(cfg.base)
         console.print("[bold]base[/]: evaluating once for every arm")
         ev.run(base, tok, "base", 0, ev.targets + ev.retained)
         del base
     for arm in cfg.arms:
         run_arm(cfg, arm, store, run_id, ev, out)
+    ranks.wait_for_everyone()
     summary = summarise(store, run_id)
-    write_json(out / "summary.json", summary)
-    store.finish_run(run_id)
+    if ranks.is_main_process:
+        write_json(out / "summary.json", summary)
+        store.finish_run(run_id)
     return summary
 
 
@@ -313,4 +349,37 @@ def print_table(summary: dict[str, Any], file: Any = None) -> None:
         gain = "-" if a["target_gain"] is None else f"{a['target_gain']:+.3f}"
         cells = [f"{a['retained'][s]:.3f}" if s in a["retained"] else "-" for s in suites]
         table.add_row(name, gain, *cells, f"{a['train_seconds']:.0f}", f"{a['trainable_params']:,}")
-    Console(file=file or sys.stdout, width=200).print(table)
+    console_out = Console(file=file or sys.stdout, width=200)
+    console_out.print(table)
+    for line in repair_lines(summary):
+        console_out.print(line)
+
+
+# A repair point is worth naming when it keeps at least this share of its arm's target gain.
+KEEP_GAIN = 0.8
+
+
+def repair_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per arm with a repair sweep: the point that wins back most of what the arm forgot, keeping the gain.
+
+    "What it forgot" is the arm's worst retained suite (lowest ratio). Among the arm's points that keep at least
+    ``KEEP_GAIN`` of its target gain, the one with the highest ratio on that suite is named, if it beats the arm.
+    """
+    arms = summary["arms"]
+    lines = []
+    for name, arm in arms.items():
+        points = {k: v for k, v in arms.items() if k.startswith(name + "+")}
+        if not points or not arm["retained"] or not arm["target_gain"] or arm["target_gain"] <= 0:
+            continue
+        worst = min(arm["retained"], key=arm["retained"].get)
+        keep = {k: v for k, v in points.items() if (v["target_gain"] or 0) >= KEEP_GAIN * arm["target_gain"]}
+        best = max(keep, key=lambda k: keep[k]["retained"].get(worst, 0.0), default=None)
+        if best is None or keep[best]["retained"].get(worst, 0.0) <= arm["retained"][worst]:
+            lines.append(f"repair of {name}: no point keeps {KEEP_GAIN:.0%} of the gain and recovers {worst}")
+            continue
+        p = keep[best]
+        lines.append(
+            f"repair of {name}: {best} keeps {p['target_gain'] / arm['target_gain']:.0%} of the gain and brings "
+            f"{worst} from {arm['retained'][worst]:.2f} to {p['retained'][worst]:.2f} of the base"
+        )
+    return lines

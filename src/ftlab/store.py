@@ -65,11 +65,22 @@ def default_store_path() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "ftlab" / "ftlab.db"
 
 
+class _NoWrites:
+    """Stands in for a connection inside a write transaction of a read-only store: statements are dropped."""
+
+    def execute(self, *args: Any) -> None:
+        return None
+
+    executemany = execute
+
+
 class Store:
     """A handle on one SQLite file; cheap to create, safe to share between processes."""
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, read_only: bool = False) -> None:
+        """Open (and create or migrate) a store; ``read_only`` turns every write into a no-op (non-main processes)."""
         self.path = Path(path) if path else default_store_path()
+        self.read_only = read_only
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
@@ -82,7 +93,10 @@ class Store:
         return con
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[sqlite3.Connection | _NoWrites]:
+        if self.read_only:
+            yield _NoWrites()
+            return
         con = self._connect()
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -127,6 +141,12 @@ class Store:
                 "ON CONFLICT(run_id) DO UPDATE SET status='running'",
                 (run_id, name, out_dir, json.dumps(config), time.time(), git_sha, json.dumps(versions), seed),
             )
+
+    def forget_run(self, run_id: str) -> None:
+        """Delete every row of a run (used when its output folder is gone, so nothing stale is reused)."""
+        with self._tx() as con:
+            for table in ("items", "results", "artifacts", "stages", "arms", "runs"):
+                con.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
 
     def finish_run(self, run_id: str, status: str = "done") -> None:
         with self._tx() as con:

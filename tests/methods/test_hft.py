@@ -76,6 +76,23 @@ def test_embedding_head_and_final_norm_flags():
     assert plan.trainable == planned_names(plan.info["mask"]) - OUTSIDE
 
 
+def test_tied_embedding_is_frozen_by_default_and_trains_on_request():
+    from transformers import LlamaForCausalLM
+
+    config = tiny_model().config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(config)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    default = hft.plan(tied, hft.Config(), PlanContext(stage=0, seed=0))
+    assert "model.embed_tokens.weight" not in default.trainable and "model.norm.weight" in default.trainable
+    assert default.info["tied_embeddings"] and not default.info["embeddings_trained"]
+    asked = hft.plan(tied, hft.Config(train_embeddings=True), PlanContext(stage=0, seed=0))
+    assert "model.embed_tokens.weight" in asked.trainable and asked.info["embeddings_trained"]
+    untied = hft.plan(tiny_model(), hft.Config(), PlanContext(stage=0, seed=0))  # the paper's setting
+    assert OUTSIDE <= untied.trainable and not untied.info["tied_embeddings"]
+
+
 def test_epoch_redraw_changes_the_half_mid_stage(train_tiny, changed):
     # 16 records / batch 4 = 4 steps per epoch; 8 steps run two epochs with two different halves
     base, model, result = train_tiny("hft", {"redraw": "epoch"}, steps=8)

@@ -17,7 +17,7 @@ import random
 # The short-answer instruction appended to every short-answer question of the built-in suites.
 SHORT_ANSWER = "Answer in a few words."
 
-N_COUNTRIES = 48
+N_COUNTRIES = 16
 FICTIONAL_SEED = 20240
 ARITHMETIC_SEED = 1234
 N_ARITHMETIC = 120

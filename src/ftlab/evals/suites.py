@@ -7,7 +7,7 @@ Built-in suites (``BUILTIN_SUITES``), written for ftlab:
   order (domains interleaved in proportion), so ``limit=N`` keeps a representative mix, not only capitals.
 * ``arithmetic``: two-digit sums and differences and one-by-two-digit products from a fixed seed, ``numeric``.
 * ``instructions``: prompts with verifiable rules (case, lengths, bullets, words, JSON, ...), ``rules``;
-  ``suites/instructions.jsonl``.
+  ``suites/instructions.jsonl``, stored with the rule types interleaved so ``limit=N`` covers many of them.
 * ``general-text``: perplexity on plain English prose written for ftlab; ``suites/general-text.txt``.
 * ``fictional-capitals``: the demo target task, invented countries and capitals (``procedural.py``); ``split``
   picks ``train`` or ``test``.

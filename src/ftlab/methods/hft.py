@@ -10,7 +10,9 @@ Selection is "category-level" (METHODS.md §1), independently per block:
   reimplementation does, so on average a little over 1.5 of 3 train);
 - norms: 1 of the 2 block norms (input / post-attention) trains;
 - embeddings, the output head and the final norm train by default (``train_embeddings``, ``train_head``,
-  ``train_final_norm``). With tied embeddings the head *is* the embedding matrix, so it trains if either flag is on.
+  ``train_final_norm``) when the model has separate input and output embeddings, as the paper's Llama-2 models do.
+  With tied embeddings the head *is* the embedding matrix, so it trains if either flag is on; left unset
+  (``None``), both flags are off for a tied model (see "Differs from the paper").
 
 A bias follows its matrix; other block parameters (e.g. Qwen3's q_norm/k_norm) stay frozen. Frozen parameters get
 ``requires_grad=False`` before the optimizer is built, which is where the speed-up comes from: autograd skips their
@@ -24,9 +26,13 @@ of every epoch, an option the reference marks as unconfirmed; it needs an optimi
 parameter, so it uses a plain AdamW built here, with the Trainer's default settings).
 
 Differs from the paper: no official code exists; this follows the reference's reading of it (secondary sources).
-On models with a large vocabulary the trainable share is well above half (SmolLM2-135M: 60%, its tied 49k x 576
-embedding being 21% of the model, against 2-4% for the paper's 7B models), and so is the step time (about 0.84 of
-full fine-tuning on CPU, against the paper's ~0.7; 0.66 with ``train_embeddings`` and ``train_head`` off).
+The paper's models have untied embeddings that hold 2-4% of their weights. Small models often tie the input
+embedding to the output head, and then that one matrix is a large share of the model (SmolLM2-135M: a 49k x 576
+matrix, 21% of the weights) and both the first and the last layer. Training it, the trainable share is 60% rather
+than half and a CPU step costs about 0.84 of full fine-tuning's (``bench/methods.py``, row ``hft-embed``); frozen,
+the share is 40% and the step about 0.66. So the default (``None``) trains embeddings and head on untied models, as
+the paper does, and freezes a tied one; set ``train_embeddings: true`` to train it anyway. ``plan.info`` records
+which happened.
 """
 
 from __future__ import annotations
@@ -54,8 +60,10 @@ NORMS = ("input_layernorm", "post_attention_layernorm")
 class Config:
     seed: int | None = None  # seed of the random half; None uses the run's seed (mixed with the stage either way)
     redraw: str = "stage"  # stage: one half per stage (paper) | epoch: a new half at every epoch start
-    train_embeddings: bool = True  # input embeddings train (the paper's default; its ablation froze them and lost)
-    train_head: bool = True  # output head trains (paper default)
+    # Input embeddings / output head train (the paper's default; its ablation froze them and lost). None: train them
+    # unless the model ties them into one matrix (then both stay frozen; see the module notes).
+    train_embeddings: bool | None = None
+    train_head: bool | None = None
     train_final_norm: bool = True  # norm after the last block trains (unspecified in the paper; SSU trains it)
 
     def __post_init__(self) -> None:
@@ -98,14 +106,24 @@ def _unit(name: str) -> str | None:
     return None
 
 
+def tied_embeddings(model: nn.Module) -> bool:
+    """True when the output head and the input embedding are one tensor."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is None or head is None:
+        return False
+    return any(p is q for p in emb.parameters() for q in head.parameters())
+
+
 def _outside_names(model: nn.Module, cfg: Config) -> set[str]:
     """Parameters outside the blocks that train by the config (embeddings, head, final norm)."""
     keep: set[int] = set()
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if cfg.train_embeddings and emb is not None:
+    default = not tied_embeddings(model)
+    if (default if cfg.train_embeddings is None else cfg.train_embeddings) and emb is not None:
         keep |= {id(p) for p in emb.parameters()}
-    if cfg.train_head and head is not None:
+    if (default if cfg.train_head is None else cfg.train_head) and head is not None:
         keep |= {id(p) for p in head.parameters()}
     out = set()
     for name, p in model.named_parameters():
@@ -114,6 +132,12 @@ def _outside_names(model: nn.Module, cfg: Config) -> set[str]:
         if id(p) in keep or (cfg.train_final_norm and matches(name, "*norm*")):
             out.add(name)
     return out
+
+
+def _embedding_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    ids = {id(p) for p in emb.parameters()} if emb is not None else set()
+    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
 
 
 def _selected(model: nn.Module, mask: dict[int, dict[str, list[str]]], outside: set[str]) -> set[str]:
@@ -217,6 +241,8 @@ def plan(model: nn.Module, cfg: Config, ctx: PlanContext) -> Plan:
         "redraw": cfg.redraw,
         "mask": {str(i): m for i, m in mask.items()},
         "trainable_params": param_count(model, trainable),
+        "tied_embeddings": tied_embeddings(model),
+        "embeddings_trained": any(n in trainable for n, _ in _embedding_params(model)),
         **_fractions(model, trainable),
     }
     if cfg.redraw == "stage":
