@@ -218,3 +218,26 @@ def test_demo_config_has_every_method_and_a_repair_sweep():
     names = [p[0] for p in sweep_points(full)]
     assert "full+scale=0.7" in names and "full+lines=0.6" in names
     assert cfg.base == "smollm2-135m-instruct" and cfg.stages[0].targets == ["fictional-capitals"]
+
+
+def test_repair_line_names_the_point_that_wins_back_the_worst_suite():
+    from ftlab.runner import repair_lines
+
+    def arm(gain, **retained):
+        return {"target_gain": gain, "retained": retained}
+
+    summary = {
+        "arms": {
+            "full": arm(0.9, facts=0.3, text=0.95),
+            "full+scale=0.5": arm(0.5, facts=0.9, text=1.0),  # recovers most, but keeps only 56% of the gain
+            "full+scale=0.7": arm(0.8, facts=0.6, text=0.97),
+            "full+lines=0.6": arm(0.85, facts=0.4, text=0.99),
+            "lora": arm(0.7, facts=0.5, text=0.9),
+        }
+    }
+    (line,) = repair_lines(summary)
+    assert "full+scale=0.7" in line and "89%" in line and "facts from 0.30 to 0.60" in line
+    summary["arms"]["full+scale=0.7"]["retained"]["facts"] = 0.2
+    summary["arms"]["full+lines=0.6"]["retained"]["facts"] = 0.25
+    (line,) = repair_lines(summary)
+    assert line.startswith("repair of full: no point")

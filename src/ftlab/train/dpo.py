@@ -27,8 +27,8 @@ from trl import DPOConfig, DPOTrainer
 from ftlab.config import MethodConfig, TrainConfig
 from ftlab.data.records import WHERE, DataError
 from ftlab.data.tokenize import sft_dataset
-from ftlab.methods import PlanContext, apply_plan, get_method, method_config
-from ftlab.train.sft import TrainResult, run_trainer
+from ftlab.methods import method_config
+from ftlab.train.sft import TrainResult, prepare_method, run_trainer
 from ftlab.train.trainer_args import base_trainer_kwargs
 
 
@@ -133,8 +133,7 @@ def train_dpo(
     work_dir = Path(work_dir)
     set_seed(train.seed)
     dataset = dpo_dataset(records, tokenizer)
-    module = get_method(method.name)
-    cfg = method_config(method.name, method.params)
+    method_config(method.name, method.params)  # a bad setting fails before the reference is copied
     # Copied before planning: a method's plan may already train the model (inner phases).
     ref = ref_model if ref_model is not None else _frozen_copy(model)
 
@@ -143,19 +142,10 @@ def train_dpo(
         DPOTrainer(model=inner, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer).train()
 
     calib = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records]
-    ctx = PlanContext(
-        stage=stage,
-        seed=train.seed,
-        train_dataset=sft_dataset(calib, "completion", tokenizer, truncate=True),
-        tokenizer=tokenizer,
-        train_cfg=train,
-        train_phase=phase,
-    )
-    plan = module.plan(model, cfg, ctx)
-    target, handles = apply_plan(model, plan)
+    calib_ds = sft_dataset(calib, "completion", tokenizer, truncate=True)
+    plan, target, handles, optimizer = prepare_method(model, tokenizer, method, train, stage, calib_ds, phase)
     if ref_model is None and is_peft_model(target):
         ref = None  # TRL then scores the reference with the adapters switched off: the same model, no copy
-    optimizer = plan.optimizer_factory(target, train) if plan.optimizer_factory else None
     trainer = DPOTrainer(
         model=target,
         ref_model=ref,

@@ -44,9 +44,9 @@ from trl.trainer.utils import add_fused_lm_head
 from ftlab.config import MethodConfig, TrainConfig
 from ftlab.data.records import WHERE, DataError
 from ftlab.data.tokenize import sft_dataset
-from ftlab.methods import PlanContext, apply_plan, get_method, method_config
+from ftlab.methods import method_config
 from ftlab.train.rewards import REWARDS, format_reward, get_reward, score
-from ftlab.train.sft import TrainResult, run_trainer
+from ftlab.train.sft import TrainResult, prepare_method, run_trainer
 from ftlab.train.trainer_args import base_trainer_kwargs
 
 RolloutFn = Callable[[list[Any], int], list[list[str]]]  # (prompts, n) -> n completions per prompt
@@ -333,8 +333,7 @@ def train_grpo(
         if not records:
             raise DataError(f"RIF filter dropped every prompt (0/{grpo.rif_rollouts} correct); nothing to train on")
     dataset = grpo_dataset(records, tokenizer, grpo)
-    module = get_method(method.name)
-    cfg = method_config(method.name, method.params)
+    method_config(method.name, method.params)  # a bad setting fails before the reference is copied
     # Copied before planning: a method's plan may already train the model (inner phases).
     ref = ref_model if ref_model is not None or not grpo.beta else _frozen_copy(model)
 
@@ -343,19 +342,10 @@ def train_grpo(
         _trainer(inner, ref, tokenizer, dataset, phase_args, grpo).train()
 
     calib = [{"prompt": r["prompt"], "completion": _first(r["answer"])} for r in records]
-    ctx = PlanContext(
-        stage=stage,
-        seed=train.seed,
-        train_dataset=sft_dataset(calib, "completion", tokenizer, truncate=True),
-        tokenizer=tokenizer,
-        train_cfg=train,
-        train_phase=phase,
-    )
-    plan = module.plan(model, cfg, ctx)
-    target, handles = apply_plan(model, plan)
+    calib_ds = sft_dataset(calib, "completion", tokenizer, truncate=True)
+    plan, target, handles, optimizer = prepare_method(model, tokenizer, method, train, stage, calib_ds, phase)
     if ref_model is None and is_peft_model(target):
         ref = None  # TRL then computes the reference with the adapters switched off: the same model, no copy
-    optimizer = plan.optimizer_factory(target, train) if plan.optimizer_factory else None
     trainer = _trainer(target, ref, tokenizer, dataset, args, grpo, optimizer, [*plan.callbacks, *(callbacks or [])])
     info = dict(plan.info)
     if rif_info is not None:

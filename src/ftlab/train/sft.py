@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
@@ -77,6 +78,40 @@ def _train_phase(train: TrainConfig, work_dir: Path, tokenizer: PreTrainedTokeni
     return run
 
 
+def prepare_method(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    method: MethodConfig,
+    train: TrainConfig,
+    stage: int,
+    dataset: Any,
+    phase: Any,
+) -> tuple[Any, nn.Module, list[Any], torch.optim.Optimizer | None]:
+    """Plan a method on a model and apply the plan; shared by the SFT, DPO and GRPO adapters.
+
+    Args:
+        model: the model to train.
+        tokenizer: its tokenizer.
+        method: method name and settings.
+        train: optimizer and schedule settings.
+        stage: stage index (methods may re-draw per stage).
+        dataset: SFT-tokenized data a method may calibrate on.
+        phase: ``(model, dataset, max_steps) -> None`` for methods with an inner training phase, run with the
+            calling trainer's objective.
+
+    Returns:
+        ``(plan, target, handles, optimizer)``: the optimizer is the plan's own, or None for the trainer's default.
+    """
+    cfg = method_config(method.name, method.params)
+    ctx = PlanContext(
+        stage=stage, seed=train.seed, train_dataset=dataset, tokenizer=tokenizer, train_cfg=train, train_phase=phase
+    )
+    plan = get_method(method.name).plan(model, cfg, ctx)
+    target, handles = apply_plan(model, plan)
+    optimizer = plan.optimizer_factory(target, train) if plan.optimizer_factory else None
+    return plan, target, handles, optimizer
+
+
 def train_sft(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -109,21 +144,11 @@ def train_sft(
         A TrainResult; call ``final_model()`` for the plain trained model.
     """
     work_dir = Path(work_dir)
-    module = get_method(method.name)
-    cfg = method_config(method.name, method.params)
+    method_config(method.name, method.params)  # a bad setting fails before anything runs
     set_seed(train.seed)
-    ctx = PlanContext(
-        stage=stage,
-        seed=train.seed,
-        train_dataset=dataset,
-        tokenizer=tokenizer,
-        train_cfg=train,
-        train_phase=_train_phase(train, work_dir, tokenizer, max_length),
-    )
-    plan = module.plan(model, cfg, ctx)
-    target, handles = apply_plan(model, plan)
+    phase = _train_phase(train, work_dir, tokenizer, max_length)
+    plan, target, handles, optimizer = prepare_method(model, tokenizer, method, train, stage, dataset, phase)
     args = sft_config(train, work_dir, max_length)
-    optimizer = plan.optimizer_factory(target, train) if plan.optimizer_factory else None
     trainer = SFTTrainer(
         model=target,
         args=args,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ftlab.config import TrainConfig
 
 
@@ -43,4 +45,5 @@ def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path) -> dict[str, A
         activation_checkpointing=train.gradient_checkpointing,  # TRL turns it on by default; small models do without
         report_to="none",
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps host-to-GPU copies
     )
