@@ -10,11 +10,11 @@ from __future__ import annotations
 from ftlab.config import from_dict
 from ftlab.experiment import ExperimentConfig
 
-# Per-method settings for the demo (16 invented countries, 48 records; 18 steps of batch 8 are three epochs).
+# Per-method settings for the demo (16 invented countries, 48 records; 16 steps of batch 8 are 2.7 epochs).
 # Learning rates differ because the number of trainable entries differs. The sparse methods get cheaper selection
 # settings than their papers' defaults so that the whole demo fits in 15 minutes on a 2-core CPU (LT-SFT's phase 1
 # is 6 full fine-tuning steps; LIFT uses the randomized SVD). LocFT trains one matrix, so its steps are cheap; it
-# runs twice the steps (six epochs; its paper runs 25), since in three epochs it learned nothing here.
+# runs twice the steps (5.3 epochs; its paper runs 25), since in three epochs it learned nothing here.
 DEMO_ARMS: dict[str, dict] = {
     "full": {"train": {"lr": 1e-4}, "post": {"scale": [0.5, 0.7], "lines": [0.6]}},
     "lora": {"method": {"params": {"r": 16, "alpha": 32}}, "train": {"lr": 2e-3}},
@@ -26,7 +26,7 @@ DEMO_ARMS: dict[str, dict] = {
 }
 
 
-def demo_config(out: str = "out/demo", steps: int = 18) -> ExperimentConfig:
+def demo_config(out: str = "out/demo", steps: int = 16) -> ExperimentConfig:
     """The demo experiment: one stage (fictional capitals), one arm per registered method, a repair sweep on full."""
     from ftlab.methods import METHODS
 
@@ -54,7 +54,7 @@ def demo_config(out: str = "out/demo", steps: int = 18) -> ExperimentConfig:
         "arms": arms,
         "eval": {
             "batch_size": 48,
-            "limits": {"world-facts": 48, "arithmetic": 30, "instructions": 16, "general-text": 4},
+            "limits": {"world-facts": 48, "arithmetic": 30, "instructions": 12, "general-text": 4},
             "max_new_tokens": {"instructions": 128},
         },
     }
