@@ -62,7 +62,7 @@ def run_cmd(
 @app.command()
 def demo(
     out: str = typer.Option("out/demo", "--out", help="Output folder."),
-    steps: int = typer.Option(16, "--steps", help="Optimizer steps per arm (batch 8)."),
+    steps: int = typer.Option(18, "--steps", help="Optimizer steps per arm (batch 8)."),
     store: Path | None = typer.Option(None, "--store", help="SQLite store (default: $FTLAB_STORE or ~/.local/share)."),
 ) -> None:
     """The embedded SmolLM2-135M-Instruct learns invented capitals with every method; prints a table and a report."""

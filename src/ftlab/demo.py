@@ -10,23 +10,24 @@ from __future__ import annotations
 from ftlab.config import from_dict
 from ftlab.experiment import ExperimentConfig
 
-# Per-method settings for the demo (16 invented countries, 48 records; 16 steps of batch 8 are 2.7 epochs).
+# Per-method settings for the demo (16 invented countries, 48 records; 18 steps of batch 8 are three epochs;
+# at 16 steps full fine-tuning learned 0.56 of the capitals, at 18 steps 0.94).
 # Learning rates differ because the number of trainable entries differs. The sparse methods get cheaper selection
 # settings than their papers' defaults so that the whole demo fits in 15 minutes on a 2-core CPU (LT-SFT's phase 1
-# is 6 full fine-tuning steps; LIFT uses the randomized SVD). LocFT trains one matrix, so its steps are cheap; it
-# runs twice the steps (5.3 epochs; its paper runs 25), since in three epochs it learned nothing here.
+# is 4 full fine-tuning steps; LIFT uses the randomized SVD). LocFT trains one matrix, so its steps are cheap; it
+# runs twice the steps (six epochs; its paper runs 25), since in three epochs it learned nothing here.
 DEMO_ARMS: dict[str, dict] = {
     "full": {"train": {"lr": 1e-4}, "post": {"scale": [0.5, 0.7], "lines": [0.6]}},
     "lora": {"method": {"params": {"r": 16, "alpha": 32}}, "train": {"lr": 2e-3}},
     "hft": {"train": {"lr": 1e-4}},
     "lift": {"method": {"params": {"lora_rank": 16, "filter_rank": 16, "svd": "lowrank"}}, "train": {"lr": 2e-3}},
-    "sparse": {"method": {"params": {"proportion": 0.05, "full_ft_steps": 6}}, "train": {"lr": 5e-4}},
+    "sparse": {"method": {"params": {"proportion": 0.05, "full_ft_steps": 4}}, "train": {"lr": 5e-4}},
     "freeze": {"method": {"params": {"layers": "20-29"}}, "train": {"lr": 1e-4}},
     "locft": {"train": {"lr": 2e-3}, "steps_factor": 2},
 }
 
 
-def demo_config(out: str = "out/demo", steps: int = 16) -> ExperimentConfig:
+def demo_config(out: str = "out/demo", steps: int = 18) -> ExperimentConfig:
     """The demo experiment: one stage (fictional capitals), one arm per registered method, a repair sweep on full."""
     from ftlab.methods import METHODS
 
