@@ -55,8 +55,11 @@ def run_cmd(
     with _clear_errors():
         cfg = load_experiment(experiment, set_ + ([f"out={out}"] if out else []))
         summary = run_experiment(cfg, Store(store))
-    print_table(summary)
-    typer.echo(f"summary: {Path(cfg.out) / 'summary.json'}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, print once
+        print_table(summary)
+        typer.echo(f"summary: {Path(cfg.out) / 'summary.json'}")
 
 
 @app.command()
