@@ -54,6 +54,7 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "locft": {},
     "lora": {"r": 16, "alpha": 32},
 }
+ROW_METHOD = {"hft-embed": "hft"}  # rows that run a registered method under another name
 ROWS = ["trl-full", "full", "hft", "lift", "sparse", "freeze", "locft", "lora", "peft-lora", "hft-embed"]
 
 
@@ -154,7 +155,7 @@ def run_ftlab(row: str, model: Any, tok: Any, dataset: Any, timer: Any, args: ar
 
     train = TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch_size, logging_steps=10**6, seed=0)
     result = train_sft(
-        model, tok, dataset, MethodConfig(row.split("-")[0], METHOD_PARAMS[row]), train, out, callbacks=[timer]
+        model, tok, dataset, MethodConfig(ROW_METHOD.get(row, row), METHOD_PARAMS[row]), train, out, callbacks=[timer]
     )
     return result.trainable_params, result.optimizer_state_bytes
 

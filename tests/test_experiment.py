@@ -141,25 +141,25 @@ def test_deleted_output_folder_means_a_fresh_run(tmp_path):
     assert Store(db).count("stages", run_id) == 4
 
 
-def test_two_processes_under_accelerate_launch_match_one(tmp_path):
-    """`accelerate launch` with two CPU processes: one writer, no duplicate rows, the same base scores."""
+def test_two_processes_under_torchrun_match_one(tmp_path):
+    """Two CPU processes (gloo) started by torchrun: one writer, no duplicate rows, the same base scores."""
     import shutil
 
-    launcher = shutil.which("accelerate")
+    launcher = shutil.which("torchrun")
     if launcher is None:
-        pytest.skip("accelerate CLI not on PATH")
+        pytest.skip("torchrun not on PATH")
     exp = make_experiment(tmp_path, str(tmp_path / "ddp"), steps2=3)
     db = tmp_path / "ddp.db"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "ftlab", "run", str(exp), "--store", str(db),
-    ]  # fmt: skip
+    cmd = [launcher, "--nproc_per_node", "2", "-m", "ftlab", "run", str(exp), "--store", str(db)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # only the main process evaluates and reports: one base evaluation, one table, one "summary:" line
+    assert proc.stderr.count("evaluating once for every arm") == 1, proc.stderr[-3000:]
+    assert proc.stdout.count("summary:") == 1, proc.stdout
     store = Store(db)
     (run,) = store.runs()
-    assert store.count("stages", run["run_id"]) == 4  # 2 arms x 2 stages, each written once
+    assert store.count("stages", run["run_id"]) == 4  # 2 arms x 2 stages
     assert store.count("results", run["run_id"]) == 3 + 2 * 2 * 3 + 2 * 3
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     single = run_experiment(

@@ -55,9 +55,9 @@ def run_cmd(
     with _clear_errors():
         cfg = load_experiment(experiment, set_ + ([f"out={out}"] if out else []))
         summary = run_experiment(cfg, Store(store))
-    from accelerate import PartialState
+    from ftlab.runner import process_state
 
-    if PartialState().is_main_process:  # under `accelerate launch`, print once
+    if process_state().is_main_process:  # under `accelerate launch` / `torchrun`, print once
         print_table(summary)
         typer.echo(f"summary: {Path(cfg.out) / 'summary.json'}")
 

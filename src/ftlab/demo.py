@@ -34,14 +34,14 @@ def demo_config(out: str = "out/demo", steps: int = 18) -> ExperimentConfig:
     arms = []
     for name in METHODS:
         spec = DEMO_ARMS.get(name, {"train": {"lr": 2e-4}})
+        train = dict(spec.get("train", {}))
+        if "steps_factor" in spec:
+            train["max_steps"] = steps * spec["steps_factor"]
         arms.append(
             {
                 "name": name,
                 "method": {"name": name, "params": spec.get("method", {}).get("params", {})},
-                "train": {
-                    **spec.get("train", {}),
-                    **({"max_steps": steps * spec["steps_factor"]} if "steps_factor" in spec else {}),
-                },
+                "train": train,
                 "post": spec.get("post", {}),
             }
         )

@@ -2,7 +2,8 @@
 
 Run it with ``ftlab run EXPERIMENT.yaml [--set key=value] [--out DIR]``, or from Python with
 ``run_experiment(load_experiment(path))``. Multi-GPU: ``accelerate launch -m ftlab run EXPERIMENT.yaml`` runs
-the same code: every process trains (the trainers are accelerate-aware), and only the main process evaluates,
+the same code (on CPU-only machines start the processes with ``torchrun``: ``accelerate launch --cpu`` starts
+one): every process trains (the trainers are accelerate-aware), and only the main process evaluates,
 writes the store, saves models and runs repair sweeps while the others wait at a barrier. Evaluation is not split
 across processes, so a long evaluation can outlast the process group's timeout (30 minutes by default); raise it
 with accelerate's settings for long suites.
@@ -138,9 +139,7 @@ def train_stage(
 
 def run_arm(cfg: ExperimentConfig, arm: ArmConfig, store: Store, run_id: str, ev: Evaluator, out: Path) -> None:
     """All stages of one arm, then its repair sweep; finished work is skipped."""
-    from accelerate import PartialState
-
-    ranks = PartialState()
+    ranks = process_state()
     n = len(cfg.stages)
     store.add_arm(run_id, arm.name, "train", arm.method.name, None, {"method": vars(arm.method), "train": arm.train})
     model = tokenizer = None
@@ -210,6 +209,15 @@ def run_sweep(
     del base_model
 
 
+def process_state() -> Any:
+    """Accelerate's view of the processes of this run: one, or several under ``accelerate launch`` / ``torchrun``."""
+    from accelerate import PartialState
+
+    from ftlab.train.trainer_args import cpu_process_group
+
+    return PartialState(cpu=cpu_process_group())
+
+
 # Written into the output folder when a run starts; its absence means the folder holds none of the run's work.
 RUN_MARKER = ".ftlab-run"
 
@@ -224,12 +232,10 @@ def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[st
     Returns:
         The summary dict (see ``summarise``).
     """
-    from accelerate import PartialState
-
     from ftlab.config import to_dict
 
     torch.manual_seed(cfg.seed)
-    ranks = PartialState()  # one process unless started by `accelerate launch`
+    ranks = process_state()
     store = store or Store()
     if not ranks.is_main_process:
         store = Store(store.path, read_only=True)
@@ -258,8 +264,7 @@ def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[st
         ev.run(base, tok, "base", 0, ev.targets + ev.retained)
         del base
     for arm in cfg.arms:
-        run_arm(cfg, arm, store, run_id, ev, out)
-    ranks.wait_for_everyone()
+        run_arm(cfg, arm, store, run_id, ev, out)  # ends at a barrier, so every store write is in
     summary = summarise(store, run_id)
     if ranks.is_main_process:
         write_json(out / "summary.json", summary)
@@ -369,7 +374,7 @@ def repair_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
     for name, arm in arms.items():
         points = {k: v for k, v in arms.items() if k.startswith(name + "+")}
-        if not points or not arm["retained"] or not arm["target_gain"] or arm["target_gain"] <= 0:
+        if not points or not arm["retained"] or (arm["target_gain"] or 0) <= 0:
             continue
         worst = min(arm["retained"], key=arm["retained"].get)
         keep = {k: v for k, v in points.items() if (v["target_gain"] or 0) >= KEEP_GAIN * arm["target_gain"]}

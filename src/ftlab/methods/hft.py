@@ -29,8 +29,8 @@ Differs from the paper: no official code exists; this follows the reference's re
 The paper's models have untied embeddings that hold 2-4% of their weights. Small models often tie the input
 embedding to the output head, and then that one matrix is a large share of the model (SmolLM2-135M: a 49k x 576
 matrix, 21% of the weights) and both the first and the last layer. Training it, the trainable share is 60% rather
-than half and a CPU step costs about 0.84 of full fine-tuning's (``bench/methods.py``, row ``hft-embed``); frozen,
-the share is 40% and the step about 0.66. So the default (``None``) trains embeddings and head on untied models, as
+than half and a CPU step costs 0.80 of full fine-tuning's (``bench/methods.py``, row ``hft-embed``); frozen, the
+share is 40% and the step 0.71 (row ``hft``). So the default (``None``) trains embeddings and head on untied models, as
 the paper does, and freezes a tied one; set ``train_embeddings: true`` to train it anyway. ``plan.info`` records
 which happened.
 """
@@ -106,10 +106,16 @@ def _unit(name: str) -> str | None:
     return None
 
 
-def tied_embeddings(model: nn.Module) -> bool:
-    """True when the output head and the input embedding are one tensor."""
+def _io_embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The input embedding and output head modules (None where the model has none)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return emb, head
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    """True when the output head and the input embedding are one tensor."""
+    emb, head = _io_embeddings(model)
     if emb is None or head is None:
         return False
     return any(p is q for p in emb.parameters() for q in head.parameters())
@@ -118,8 +124,7 @@ def tied_embeddings(model: nn.Module) -> bool:
 def _outside_names(model: nn.Module, cfg: Config) -> set[str]:
     """Parameters outside the blocks that train by the config (embeddings, head, final norm)."""
     keep: set[int] = set()
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb, head = _io_embeddings(model)
     default = not tied_embeddings(model)
     if (default if cfg.train_embeddings is None else cfg.train_embeddings) and emb is not None:
         keep |= {id(p) for p in emb.parameters()}
@@ -134,10 +139,10 @@ def _outside_names(model: nn.Module, cfg: Config) -> set[str]:
     return out
 
 
-def _embedding_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+def _embeddings_trained(model: nn.Module, trainable: set[str]) -> bool:
+    emb, _ = _io_embeddings(model)
     ids = {id(p) for p in emb.parameters()} if emb is not None else set()
-    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+    return any(id(p) in ids and n in trainable for n, p in model.named_parameters())
 
 
 def _selected(model: nn.Module, mask: dict[int, dict[str, list[str]]], outside: set[str]) -> set[str]:
@@ -242,7 +247,7 @@ def plan(model: nn.Module, cfg: Config, ctx: PlanContext) -> Plan:
         "mask": {str(i): m for i, m in mask.items()},
         "trainable_params": param_count(model, trainable),
         "tied_embeddings": tied_embeddings(model),
-        "embeddings_trained": any(n in trainable for n, _ in _embedding_params(model)),
+        "embeddings_trained": _embeddings_trained(model, trainable),
         **_fractions(model, trainable),
     }
     if cfg.redraw == "stage":

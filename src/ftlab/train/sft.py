@@ -144,7 +144,6 @@ def train_sft(
         A TrainResult; call ``final_model()`` for the plain trained model.
     """
     work_dir = Path(work_dir)
-    method_config(method.name, method.params)  # a bad setting fails before anything runs
     set_seed(train.seed)
     phase = _train_phase(train, work_dir, tokenizer, max_length)
     plan, target, handles, optimizer = prepare_method(model, tokenizer, method, train, stage, dataset, phase)

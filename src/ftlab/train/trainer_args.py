@@ -6,12 +6,21 @@ switching the objective does not silently change the loop around it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ftlab.config import TrainConfig
+
+
+def cpu_process_group() -> bool:
+    """True for several processes (``torchrun``) on a machine without CUDA: they train as a gloo group on CPU.
+
+    accelerate and transformers form that group only when told to use the CPU, so ``use_cpu`` is set then.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path) -> dict[str, Any]:
@@ -46,4 +55,5 @@ def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path) -> dict[str, A
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps host-to-GPU copies
+        use_cpu=cpu_process_group(),
     )
