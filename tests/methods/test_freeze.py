@@ -4,9 +4,9 @@ import pytest
 
 from ftlab.config import ConfigError
 from ftlab.methods import freeze
-from ftlab.methods._select import matches, parse_layers
 from ftlab.methods.base import PlanContext
 from ftlab.models import tiny_model
+from ftlab.params import matches, parse_layers
 
 
 def test_layer_specs():

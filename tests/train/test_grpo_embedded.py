@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftlab.data.tasks import arithmetic_task
+from ftlab.tasks import arithmetic_task
 from ftlab.train.grpo import GRPOSettings, prompt_of, rif_filter, sample_rollouts
 from ftlab.train.rewards import numeric_reward
 

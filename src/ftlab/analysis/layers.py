@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ftlab.edits._keys import StateDict, check_compatible, layer_map, module_kind, tied_aliases
+from ftlab.params import StateDict, check_compatible, layer_map, module_kind, tied_aliases
 
 
 def layer_change(base_sd: StateDict, tuned_sd: StateDict) -> dict:

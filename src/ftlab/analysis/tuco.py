@@ -1,12 +1,12 @@
 """Tuning contribution (TuCo) of a fine-tune, per prompt and per block (Nuti et al., ICML 2025, arXiv 2506.23423).
 
-METHODS.md section 4 (Algorithm 1). On the tuned model's forward pass, block l adds PTC_l (the base block on the
+docs/methods.md, "TuCo" (Algorithm 1 of the paper). On the tuned model's forward pass, block l adds PTC_l (the base block on the
 same hidden state) and FTC_l (the difference of the two blocks); see ``ftlab.edits.tuco``. For a prompt, with the
 last token's components summed over blocks, I_FTC = Σ_l FTC_l[−1] and I_PTC = Σ_l PTC_l[−1]:
     TuCo = ‖I_FTC‖ / (‖I_PTC‖ + ‖I_FTC‖) ∈ [0, 1].
 The per-block figure is the same ratio for block l alone, ‖FTC_l[−1]‖ / (‖PTC_l[−1]‖ + ‖FTC_l[−1]‖).
 
-Choices where the paper is unclear (METHODS.md marks them unconfirmed): the norm is configurable, default ℓ1; x0
+Choices where the paper is unclear (docs/methods.md marks them): the norm is configurable, default ℓ1; x0
 is the tuned model's embedding. Prompts are wrapped in the tokenizer's chat template (user turn plus generation
 prompt) when it has one and ``chat=True``, since the tuned model is usually a chat model; the paper compares
 chat against plain inputs, so ``chat=False`` feeds the raw text.

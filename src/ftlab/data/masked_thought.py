@@ -1,7 +1,7 @@
 """Masked Thought (MFT): during SFT, replace a random fraction of the response tokens in the *input* by a mask token.
 
 Paper: Chen et al., "Masked Thought: Simply Masking Partial Reasoning Steps Can Improve Mathematical Reasoning
-Learning of Language Models", ACL 2024, arXiv 2403.02178 (code: ChangyuChen347/MaskedThought). METHODS.md section 6.
+Learning of Language Models", ACL 2024, arXiv 2403.02178 (code: ChangyuChen347/MaskedThought). See docs/methods.md, "Masked Thought".
 
 What it does, as the authors' code does it:
 

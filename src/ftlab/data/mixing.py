@@ -4,7 +4,7 @@
   not just in expectation, so two arms of a comparison see the same composition.
 - :func:`dmt_stages` builds the two stages of DMT, Dual-stage Mixed Fine-tuning (Dong et al., "How Abilities in
   Large Language Models are Affected by Supervised Fine-tuning Data Composition", ACL 2024, arXiv 2310.05492;
-  METHODS.md section 11): stage 1 is all specialised data mixed together; stage 2 is the complete general data plus
+  docs/methods.md, "DMT"): stage 1 is all specialised data mixed together; stage 2 is the complete general data plus
   a fraction ``k`` of *each* specialised set. No official code exists: ``k`` defaults to 1/256 (the value secondary
   notes report for the main setting, unconfirmed) and the k-subset is drawn once and kept fixed (also unconfirmed;
   the paper does not say whether it is re-sampled per epoch).

@@ -1,6 +1,6 @@
 """Record formats and their loaders: JSONL files or ``datasets.Dataset`` into validated lists of dicts.
 
-Four formats (DESIGN.md):
+Four formats (docs/config.md, "Data"):
 
 - ``chat``: ``{"messages": [{"role", "content"}, ...]}``; loss on assistant turns only.
 - ``completion``: ``{"prompt", "completion"}``; loss on the completion only.
@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ftlab.errors import InputError
+
 FORMATS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
     "completion": ("prompt", "completion"),
@@ -26,7 +28,7 @@ ROLES = ("system", "user", "assistant")
 WHERE = "_where"  # key under which each loaded record remembers its "file:line" for later error messages
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad training or evaluation data; the message names file, line and field."""
 
 

@@ -8,8 +8,7 @@ from typing import Any
 
 def builtin_train_sets() -> dict[str, Any]:
     """Name -> zero-argument function returning a list of records."""
-    from ftlab.data.tasks import arithmetic_task
-    from ftlab.evals import fictional_capitals_train_records
+    from ftlab.tasks import arithmetic_task, fictional_capitals_train_records
 
     return {
         "fictional-capitals": fictional_capitals_train_records,

@@ -18,9 +18,9 @@ import torch
 from transformers import PreTrainedModel
 
 from ftlab.edits import graft, lines, merge, reset, scale
-from ftlab.edits._keys import StateDict, tied_aliases
 from ftlab.edits.eft import EFTModel
 from ftlab.edits.tuco import TuCoModel
+from ftlab.params import StateDict, tied_aliases
 
 EDITS: dict[str, Callable[..., StateDict]] = {
     "scale": scale.apply,

@@ -1,6 +1,6 @@
 """EFT up-scaling: decode-time combination of a large base with a small fine-tune's delta (Mitchell et al., ICLR 2024).
 
-Paper: arXiv 2310.12962; METHODS.md section 5. At every position the combined logits are
+Paper: arXiv 2310.12962; docs/methods.md, "EFT". At every position the combined logits are
     large_base + Σ_i w_i (small_tuned_i − small_base),
 raw logits as in the reference implementation (the per-model log-softmax constants cancel in the final softmax);
 temperature / top-p, when wanted, go on the combined logits. Up-scaling is one small fine-tune with w = 1;

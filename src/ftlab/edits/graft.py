@@ -1,4 +1,4 @@
-"""Skill localization by grafting (Panigrahi et al., ICML 2023, arXiv 2302.06600; METHODS.md section 8).
+"""Skill localization by grafting (Panigrahi et al., ICML 2023, arXiv 2302.06600; docs/methods.md, "Grafting").
 
 Code: abhishekpanigrahi1996/Skill-Localization-by-grafting (``src/graft_trainer.py``).
 
@@ -12,7 +12,7 @@ The loss is the completion-token cross-entropy of ``{"prompt", "completion"}`` r
 
 Differences from the authors' code, and why:
 - only the 2-D weight matrices inside the transformer blocks are searched (``include`` narrows further), for
-  speed and memory (METHODS.md: "for LLMs, restrict the search to a subset of parameters"); the authors fix only
+  speed and memory (docs/methods.md, "Grafting": for LLMs the search is restricted to a subset of parameters); the authors fix only
   embeddings and head and also search norms and biases;
 - the score is the completion loss (lower is better) on the records plus optional dev records, not accuracy;
 - the learning rate of S defaults to an automatic scale (set at the first step so that about a mask's worth of
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ftlab.edits._keys import StateDict, check_compatible, layer_map
+from ftlab.params import StateDict, check_compatible, layer_map
 
 NAME = "graft"
 

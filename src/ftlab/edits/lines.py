@@ -5,7 +5,7 @@ Paper: https://arxiv.org/abs/2410.17146, code: wang-kee/LiNeS (``src/eval/eval.p
 The task vector τ = θ_ft − θ0 of the key in block ℓ (ℓ = 0..L−1) is scaled by λ(ℓ) = α + β·ℓ/(L−1); every key
 outside the blocks (embeddings, final norm, head) is scaled by α. Shallow blocks stay near the base, the deepest
 block keeps α + β of its update. For a single fine-tune the reference uses β = 1 − α (deepest block unchanged),
-which is the default here when ``beta`` is None. METHODS.md section 3.
+which is the default here when ``beta`` is None. See docs/methods.md, "LiNeS".
 
 Differences from the reference code:
 - keys are mapped to blocks by the exact block prefix (``model.layers.<i>.``), not the substring ``.<i>.``;
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ftlab.edits._keys import StateDict, check_compatible, layer_map
+from ftlab.params import StateDict, check_compatible, layer_map
 
 NAME = "lines"
 

@@ -1,7 +1,7 @@
 """Merging several fine-tunes of one base: Task Arithmetic and TIES, optionally followed by LiNeS.
 
 Papers: Task Arithmetic (Ilharco et al., ICLR 2023, arXiv 2212.04089); TIES-Merging (Yadav et al., NeurIPS 2023,
-arXiv 2306.01708, code prateeksha10/ties-merging); LiNeS for merging (METHODS.md section 3).
+arXiv 2306.01708, code prateeksha10/ties-merging); LiNeS for merging (docs/methods.md, "LiNeS").
 
 - ``task_arithmetic``: θ = θ0 + lam·Σ_t τ_t. ``lam=None`` means 1/T (the average of the fine-tunes), so merging
   identical fine-tunes returns that fine-tune.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ftlab.edits import lines
-from ftlab.edits._keys import StateDict, check_compatible
+from ftlab.params import StateDict, check_compatible
 
 NAME = "merge"
 METHODS = ("task_arithmetic", "ties")

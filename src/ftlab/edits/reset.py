@@ -7,7 +7,7 @@
 - ``layers``: whole units from the input side (``order="bottom"``) or the output side (``"top"``); the units are
   the embeddings, each block, then the other non-block keys (final norm, head), round(fraction·units) of them.
 
-``half_reset`` is the HFT "half-reset" observation (METHODS.md section 13a; Hui et al., arXiv 2404.18466): per
+``half_reset`` is the HFT "half-reset" observation (docs/methods.md, "Half-reset"; Hui et al., arXiv 2404.18466): per
 block, copy back from the base half of each category (attention 2 of 4 matrices, norms 1 of 2; the MLP's 3
 matrices: 1 in one half of the blocks and 2 in the other, the extra block of an odd count resetting 1, as the SSU
 reimplementation does); embeddings and head keep their fine-tuned values. Categories are found by module name
@@ -21,7 +21,7 @@ import random
 
 import torch
 
-from ftlab.edits._keys import StateDict, block_prefix, check_compatible, is_embedding, layer_map
+from ftlab.params import StateDict, block_prefix, check_compatible, is_embedding, layer_map
 
 NAME = "reset"
 HOWS = ("random", "smallest", "layers")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ftlab.edits._keys import StateDict, check_compatible
+from ftlab.params import StateDict, check_compatible
 
 NAME = "scale"
 

@@ -1,6 +1,6 @@
 """TuCo forward pass: scale the fine-tuning component along the residual stream (Nuti et al., ICML 2025).
 
-Paper: arXiv 2506.23423; METHODS.md section 4. Every block l of the tuned model is a residual update
+Paper: arXiv 2506.23423; docs/methods.md, "TuCo". Every block l of the tuned model is a residual update
 x_{l+1} = x_l + f^FT(x_l). On the tuned model's own trajectory, PTC_l = f^PT(x_l) (the base block on the same
 hidden state) and FTC_l = f^FT(x_l) − f^PT(x_l), so x_{l+1} = x_l + PTC_l + FTC_l exactly. ``TuCoModel`` runs
 x_{l+1} = x_l + PTC_l + α·FTC_l: α = 1 is the tuned model, α = 0 approximately the base, α > 1 amplifies the
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ftlab.edits._keys import block_prefix
+from ftlab.params import block_prefix
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:

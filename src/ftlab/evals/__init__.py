@@ -9,10 +9,10 @@ Typical use::
 from ftlab.evals.forgetting import continual_metrics, forgetting_summary, retained_ratio, target_gain
 from ftlab.evals.generation import generate
 from ftlab.evals.loaders import SuiteFormatError
-from ftlab.evals.procedural import SHORT_ANSWER, arithmetic_items, fictional_capitals, fictional_capitals_train_records
 from ftlab.evals.runner import ItemResult, SuiteResult, evaluate, evaluate_many
 from ftlab.evals.scorers import SCORERS
 from ftlab.evals.suites import BUILTIN_SUITES, Suite, load_suite
+from ftlab.tasks import SHORT_ANSWER, arithmetic_items, fictional_capitals, fictional_capitals_train_records
 
 __all__ = [
     "BUILTIN_SUITES",

@@ -1,6 +1,6 @@
 """Forgetting figures: target gain, retained ratio, and continual-learning metrics on an accuracy matrix.
 
-Conventions (METHODS.md section 14): the accuracy matrix ``R`` has ``T + 1`` rows and ``T`` columns; ``R[t][i]`` is
+Conventions (docs/methods.md, "Continual metrics"): the accuracy matrix ``R`` has ``T + 1`` rows and ``T`` columns; ``R[t][i]`` is
 the score on task ``i`` after training stage ``t`` (1-based in the formulas below), and row 0 is the model before
 any training. Tasks are averaged with equal weight.
 """
@@ -66,7 +66,7 @@ def continual_metrics(R: Sequence[Sequence[float]]) -> dict[str, float]:
       means forgetting; the maximum is over rows after task ``j`` was learned, not just the diagonal).
 
     With ``T = 1`` the averages over ``T - 1`` tasks are empty and ``bwt``, ``fwt`` and ``forgetting`` are ``nan``.
-    Worked example (METHODS.md): ``T = 2``, ``R[1][1] = 0.9``, ``R[2][1] = 0.6``, ``R[2][2] = 0.8`` gives
+    Worked example: ``T = 2``, ``R[1][1] = 0.9``, ``R[2][1] = 0.6``, ``R[2][2] = 0.8`` gives
     ``acc = 0.7``, ``bwt = -0.3``, ``forgetting = 0.3``.
 
     Args:

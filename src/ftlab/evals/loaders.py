@@ -21,13 +21,14 @@ import json
 import re
 from pathlib import Path
 
+from ftlab.errors import InputError
 from ftlab.evals.rules import validate_rule
 
 TEXT_CHUNK_CHARS = 1000
 MMLU_LETTERS = ("A", "B", "C", "D")
 
 
-class SuiteFormatError(ValueError):
+class SuiteFormatError(InputError):
     """A suite file that cannot be read; the message names the file, line and field."""
 
 

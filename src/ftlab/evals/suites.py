@@ -9,10 +9,10 @@ Built-in suites (``BUILTIN_SUITES``), written for ftlab:
 * ``instructions``: prompts with verifiable rules (case, lengths, bullets, words, JSON, ...), ``rules``;
   ``suites/instructions.jsonl``, stored with the rule types interleaved so ``limit=N`` covers many of them.
 * ``general-text``: perplexity on plain English prose written for ftlab; ``suites/general-text.txt``.
-* ``fictional-capitals``: the demo target task, invented countries and capitals (``procedural.py``); ``split``
+* ``fictional-capitals``: the demo target task, invented countries and capitals (``ftlab.tasks``); ``split``
   picks ``train`` or ``test``.
 
-Short-answer questions get the instruction ``procedural.SHORT_ANSWER`` appended, so the instruct model answers
+Short-answer questions get the instruction ``ftlab.tasks.SHORT_ANSWER`` appended, so the instruct model answers
 briefly and ``contains`` can find the answer.
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 from ftlab.evals import ifeval, loaders
 from ftlab.evals.loaders import SuiteFormatError
-from ftlab.evals.procedural import SHORT_ANSWER, arithmetic_items, fictional_capitals
 from ftlab.evals.scorers import GENERATIVE_SCORERS, METRICS, SCORERS
+from ftlab.tasks import SHORT_ANSWER, arithmetic_items, fictional_capitals
 
 BUILTIN_SUITES = ("world-facts", "arithmetic", "instructions", "general-text", "fictional-capitals")
 # Cap on generated tokens by scorer: short answers stop early anyway, the cap bounds a rambling answer.

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ftlab.atomic import write_with
 
 FORMAT = "ftlab-sparse-diff"
 
@@ -76,15 +77,7 @@ def save_diff(diff: dict[str, SparseDelta], path: str | os.PathLike) -> Path:
         tensors[f"values/{name}"] = d.values.to(torch.float32).contiguous()
         shapes[name] = list(d.shape)
     meta = {"format": FORMAT, "version": "1", "shapes": json.dumps(shapes)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_with(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_diff(path: str | os.PathLike) -> dict[str, SparseDelta]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ftlab.config import ConfigError
-from ftlab.methods._select import in_layer_name, layer_of, matches, matches_any, n_layers, param_count, parse_layers
 from ftlab.methods.base import Plan, PlanContext
+from ftlab.params import in_layer_name, layer_of, matches, matches_any, n_layers, param_count, parse_layers
 
 NAME = "freeze"
 

@@ -2,7 +2,7 @@
 
 Paper: Hui et al., "HFT: Half Fine-Tuning for Large Language Models", ACL 2025, https://arxiv.org/abs/2404.18466
 
-Selection is "category-level" (METHODS.md §1), independently per block:
+Selection is "category-level" (docs/methods.md, "HFT"), independently per block:
 
 - attention: 2 of the 4 matrices {q, k, v, o}_proj train;
 - feed-forward: the block indices are shuffled and split in two halves; in one half 2 of {gate, up, down}_proj train,
@@ -46,8 +46,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ftlab.config import ConfigError
-from ftlab.methods._select import in_layer_name, layer_of, matches, n_layers, param_count
 from ftlab.methods.base import Plan, PlanContext
+from ftlab.params import in_layer_name, layer_of, matches, n_layers, param_count
 
 NAME = "hft"
 

@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from ftlab.config import ConfigError
-from ftlab.methods._select import linear_weights
 from ftlab.methods._sparse_adam import SparseAdamW
 from ftlab.methods.base import Plan, PlanContext
+from ftlab.params import linear_weights
 
 NAME = "lift"
 

@@ -36,9 +36,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ftlab.config import ConfigError
-from ftlab.methods._select import n_layers
 from ftlab.methods.base import Plan, PlanContext
 from ftlab.methods.freeze import select
+from ftlab.params import n_layers
 
 NAME = "locft"
 

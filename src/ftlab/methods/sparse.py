@@ -38,8 +38,8 @@ from torch import nn
 
 from ftlab.config import ConfigError
 from ftlab.methods._diff import SparseDelta, apply_diffs, load_diff, save_diff, sparse_diff
-from ftlab.methods._select import matches
 from ftlab.methods.base import Plan, PlanContext
+from ftlab.params import matches
 
 NAME = "sparse"
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import time
 from html import escape
 from pathlib import Path
 from string import Template
 
+from ftlab.atomic import write_bytes
 from ftlab.report import plots
 from ftlab.report.summary import (
     BASE,
@@ -93,16 +93,10 @@ def render_report(store: Store, run_id: str, out_path: str | Path, items_per_arm
     out.parent.mkdir(parents=True, exist_ok=True)
     pngs = {name: plots.figure_png(fig) for name, fig in _figures(summary).items()}
     for name, png in pngs.items():
-        _write_atomic(out.with_name(f"{out.stem}_{name}.png"), png)
+        write_bytes(out.with_name(f"{out.stem}_{name}.png"), png)
     page = render_html(summary, pngs, worst_forgotten(store, summary, per_arm=items_per_arm))
-    _write_atomic(out, page.encode("utf-8"))
+    write_bytes(out, page.encode("utf-8"))
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _figures(summary: RunSummary) -> dict[str, plots.Figure]:

@@ -5,7 +5,7 @@ callbacks), so every method trains under GRPO the same way it trains under SFT. 
 (TRL's conversational prompt format); each ``verifiable`` record is scored by the reward it names
 (``ftlab.train.rewards``).
 
-Paper settings (METHODS.md section 12a, Lai et al., "Reinforcement Fine-Tuning Naturally Mitigates Forgetting in
+Paper settings (docs/methods.md, "GRPO"; Lai et al., "Reinforcement Fine-Tuning Naturally Mitigates Forgetting in
 Continual Post-Training", arXiv 2507.05386) and where we differ:
 
 - KL: ``beta`` defaults to **0.01**, the RFT paper's ``kl_coef`` (TRL's default is 0, no KL). TRL's KL term is the
