@@ -1,4 +1,6 @@
-"""Small helpers shared by the top-level tests (imported as ``_util``; conftest modules shadow each other)."""
+"""Plain helpers that tests call directly, imported as ``from _util import ...`` (fixtures live in conftest.py)."""
+
+from __future__ import annotations
 
 import json
 from pathlib import Path
@@ -8,3 +10,44 @@ def write_jsonl(path: Path, rows: list) -> Path:
     """Write dicts (as JSON) or raw strings, one per line."""
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def record_plans(monkeypatch, module) -> list:
+    """Wrap ``module.plan`` for one test so every Plan it returns is also appended to the returned list."""
+    plans = []
+    original = module.plan
+    monkeypatch.setattr(module, "plan", lambda *a: plans.append(original(*a)) or plans[-1])
+    return plans
+
+
+def changed_keys(before: dict, after: dict) -> set[str]:
+    """Names of ``before``'s tensors that are not bit-identical in ``after`` (two state dicts)."""
+    import torch
+
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def assert_toy_plan_held(before: dict, after: dict, toy) -> None:
+    """A run of the ``toy_method`` fixture's method moved exactly its two weights, and only the unmasked half of
+    ``toy.masked``'s rows (the masked-out rows stay bit-identical)."""
+    import torch
+
+    assert changed_keys(before, after) == {toy.masked, toy.open}
+    half = before[toy.masked].shape[0] // 2
+    assert torch.equal(before[toy.masked][half:], after[toy.masked][half:])  # masked-out rows: bit-identical
+    assert not torch.equal(before[toy.masked][:half], after[toy.masked][:half])
+
+
+def assert_lora_base_bit_identical(before: dict, result) -> set[str]:
+    """A LoRA run (DPO / GRPO ``result``) kept the base weights under its adapters bit-identical, and its merged
+    model moved no norm, embedding or head; returns the names the merged model moved."""
+    import torch
+
+    from ftlab.models import state_dict_fp32
+
+    peft_state = result.model.state_dict()
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in peft_state.items()}
+    assert all(torch.equal(before[k], base[k]) for k in before)  # frozen under the adapters
+    moved = changed_keys(before, state_dict_fp32(result.final_model()))
+    assert not {k for k in moved if "norm" in k or "embed" in k or "lm_head" in k}
+    return moved

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from _util import write_jsonl
 
-from ftlab.experiment import load_experiment, sweep_points
-from ftlab.runner import run_experiment
+from ftlab.recipes.experiment import load_experiment, sweep_points
+from ftlab.recipes.run import run_experiment
 from ftlab.store import Store
 
 TEXT = "The river runs to the sea. The sea is wide and blue. Boats sail on the sea every day.\n" * 3
@@ -195,7 +195,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 def test_sweep_points_and_validation(tmp_path):
     from ftlab.config import ConfigError
-    from ftlab.experiment import ArmConfig
+    from ftlab.recipes.experiment import ArmConfig
 
     arm = ArmConfig(name="full", post={"scale": [0.5, 0.7], "lines": {"alpha": [0.3]}})
     assert [p[0] for p in sweep_points(arm)] == ["full+scale=0.5", "full+scale=0.7", "full+lines=0.3"]
@@ -207,9 +207,9 @@ def test_sweep_points_and_validation(tmp_path):
 
 
 def test_demo_config_has_every_method_and_a_repair_sweep():
-    from ftlab.demo import demo_config
-    from ftlab.experiment import validate
     from ftlab.methods import METHODS
+    from ftlab.recipes.demo import demo_config
+    from ftlab.recipes.experiment import validate
 
     cfg = demo_config("out/x")
     validate(cfg)
@@ -221,7 +221,7 @@ def test_demo_config_has_every_method_and_a_repair_sweep():
 
 
 def test_repair_line_names_the_point_that_wins_back_the_worst_suite():
-    from ftlab.runner import repair_lines
+    from ftlab.report.summary import repair_lines
 
     def arm(gain, **retained):
         return {"target_gain": gain, "retained": retained}

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _util import record_plans
 
-from ftlab.config import MethodConfig, TrainConfig
-from ftlab.data import sft_dataset
 from ftlab.methods import METHODS
-from ftlab.models import tiny_model, tiny_tokenizer
-from ftlab.train.sft import train_sft
 
 # Small settings so every method selects a strict subset of the tiny model and finishes in about a second.
 TINY_PARAMS = {
@@ -18,19 +15,7 @@ TINY_PARAMS = {
     "sparse": {"proportion": 0.05, "full_ft_steps": 2},
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls; threads only contend on a shared box
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data():
-    records = [{"prompt": f"Capital of Land{i}?", "completion": f"City{i}"} for i in range(16)]
-    return sft_dataset(records, "completion", tiny_tokenizer(), 128)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planned_count(target: torch.nn.Module, plan) -> int:
@@ -43,16 +28,9 @@ def planned_count(target: torch.nn.Module, plan) -> int:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_contract(name, data, tmp_path, monkeypatch):
-    module = METHODS[name]
-    plans = []
-    original = module.plan
-    monkeypatch.setattr(module, "plan", lambda *a: plans.append(original(*a)) or plans[-1])
-    model = tiny_model()
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    train = TrainConfig(lr=1e-2, max_steps=3, batch_size=4, logging_steps=100)
-    method = MethodConfig(name, TINY_PARAMS.get(name, {}))
-    result = train_sft(model, tiny_tokenizer(), data, method, train, tmp_path)
+def test_method_contract(name, train_tiny, monkeypatch):
+    plans = record_plans(monkeypatch, METHODS[name])
+    base, model, result = train_tiny(name, TINY_PARAMS.get(name, {}))  # 3 steps at lr 1e-2, batch 4
     (plan,) = plans
 
     # the plan is valid: names exist, masks are 0/1 of the right shape and belong to trainable parameters

@@ -9,6 +9,7 @@ de-quantized weights in, and cache that once as safetensors, so every later load
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -76,35 +77,70 @@ def resolve(ref: str | os.PathLike | None) -> str:
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            raise ModelNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+            raise ModelNotFoundError(
+                f"{path} is not a Hugging Face model folder (no config.json) nor a PEFT adapter folder "
+                "(no adapter_config.json)"
+            )
         return str(path)
     return str(ref)
+
+
+def adapter_base(ref: str | os.PathLike | None) -> str | None:
+    """The base model a PEFT adapter folder was trained on (from its ``adapter_config.json``); None for a model.
+
+    A folder with ``adapter_config.json`` and no ``config.json`` is an adapter (what ``ftlab train`` writes under
+    ``adapter/`` for LoRA). The base is ``base_model_name_or_path`` as PEFT recorded it: a hub id or a local folder.
+    """
+    if ref is None:
+        return None
+    path = Path(ref).expanduser()
+    config = path / "adapter_config.json"
+    if not config.is_file() or (path / "config.json").exists():
+        return None
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ModelNotFoundError(f"{config}: cannot read field 'base_model_name_or_path' ({err})") from None
+    return base or ""
 
 
 def load_tokenizer(ref: str | os.PathLike | None) -> PreTrainedTokenizerBase:
     """Tokenizer for a model reference, with a pad token set (EOS when the model has none)."""
     if str(ref) == TINY_NAME:
         return tiny_tokenizer()
-    tok = AutoTokenizer.from_pretrained(resolve(ref))
+    recorded = adapter_base(ref)
+    if recorded is not None and not _has_tokenizer(Path(ref)):
+        return load_tokenizer(recorded)  # an adapter folder saved without its tokenizer
+    tok = AutoTokenizer.from_pretrained(str(ref) if recorded is not None else resolve(ref))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_model(
-    ref: str | os.PathLike | None, dtype: torch.dtype = torch.float32, device: str | None = None
+    ref: str | os.PathLike | None,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    base: str | os.PathLike | None = None,
+    merge: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
     Args:
-        ref: a Hugging Face id, a local folder, ``"smollm2-135m-instruct"`` (or None) for the embedded default, or
-            ``"tiny-test"`` for a randomly initialised tiny Llama.
+        ref: a Hugging Face id, a local folder, a PEFT adapter folder, ``"smollm2-135m-instruct"`` (or None) for the
+            embedded default, or ``"tiny-test"`` for a randomly initialised tiny Llama.
         dtype: parameter dtype.
         device: where to put the model (default: CUDA when available, else CPU).
+        base: for an adapter folder, the base model to put it on (default: the base its config records).
+        merge: for an adapter folder, merge the adapter into the base weights (a plain model); False keeps the
+            ``PeftModel``.
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode.
     """
+    recorded = adapter_base(ref)
+    if recorded is not None:
+        return _load_adapter(Path(ref), base or recorded, dtype, device, merge)
     if str(ref) == TINY_NAME:
         model, tok = tiny_model(), tiny_tokenizer()
     else:
@@ -119,6 +155,30 @@ def load_model(
     model.to(device or default_device())
     model.eval()
     return model, tok
+
+
+def _load_adapter(
+    folder: Path, base: str | os.PathLike, dtype: torch.dtype, device: str | None, merge: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A PEFT adapter put on its base model (merged into it unless ``merge`` is False)."""
+    from peft import PeftModel
+
+    if not str(base):
+        raise ModelNotFoundError(f"{folder}: the adapter records no base model; name one (--base or `base:`)")
+    model, tok = load_model(base, dtype=dtype, device=device)
+    if _has_tokenizer(folder):
+        tok = load_tokenizer(folder)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelNotFoundError(f"{folder}: cannot put this adapter on {base}: {err}") from None
+    model = peft_model.merge_and_unload() if merge else peft_model
+    model.eval()
+    return model, tok
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def default_device() -> str:

@@ -65,6 +65,40 @@ def test_small_update_is_not_an_intruder_and_comparison_shares_the_base():
     assert res["strong"]["total"] >= 1 and res["weak"]["total"] == 0
 
 
+def _householder(n: int) -> torch.Tensor:
+    """An orthogonal n x n matrix whose first column is the uniform unit vector and whose other columns stay close to
+    the standard basis (reflection mapping e_1 to 1/sqrt(n))."""
+    e1, target = torch.zeros(n), torch.full((n,), n**-0.5)
+    e1[0] = 1.0
+    w = (e1 - target) / (e1 - target).norm()
+    return torch.eye(n) - 2 * torch.outer(w, w)
+
+
+@pytest.mark.parametrize("rotated", ["left", "right"])
+def test_intruders_compare_left_singular_vectors_only(rotated):
+    """W0 = U0 S V0ᵀ; the fine-tune rotates only its left (or only its right) singular vectors, so the top left (right)
+    vector of W_ft spreads evenly over the base ones. Only a new *left* vector is an intruder."""
+    base_sd = _base()
+    out, inn = base_sd[KEY].shape  # 32 x 64: not square, so U (out x r) and V (in x r) cannot be confused
+    gen = torch.Generator().manual_seed(1)
+    r = min(out, inn)
+    u0 = torch.linalg.qr(torch.randn(out, r, generator=gen)).Q
+    v0 = torch.linalg.qr(torch.randn(inn, r, generator=gen)).Q
+    s = torch.linspace(4.0, 1.0, r)  # distinct singular values: the SVD is unique up to signs
+    rot = _householder(r)
+    u_ft, v_ft = (u0 @ rot, v0) if rotated == "left" else (u0, v0 @ rot)
+    base_sd[KEY] = (u0 * s) @ v0.T
+    tuned = {k: v.clone() for k, v in base_sd.items()}
+    tuned[KEY] = (u_ft * s) @ v_ft.T
+    row = next(m for m in intruder_dimensions(base_sd, tuned, k=10, eps=0.5)["matrices"] if m["key"] == KEY)
+    if rotated == "left":
+        assert row["count"] == 1 and row["similarity"][0] == pytest.approx(r**-0.5, abs=1e-3)  # 1/sqrt(32) = 0.18
+        assert min(row["similarity"][1:]) > 0.9  # the other left vectors barely moved
+        assert row["energy_share"] == pytest.approx(16.0 / float((s**2).sum()), rel=1e-3)  # σ_1² = 16
+    else:
+        assert row["count"] == 0 and min(row["similarity"]) > 0.999  # same left vectors: nothing intrudes
+
+
 def test_layer_change_reports_where_the_delta_lives():
     base_sd = _base()
     tuned = {k: v.clone() for k, v in base_sd.items()}

@@ -50,6 +50,46 @@ def test_tuco_per_layer_and_overall_match_algorithm_1(models):
     assert l2["prompts"][0]["tuco"] != pytest.approx(r["tuco"])
 
 
+def _components_by_hand(base, tuned, ids):
+    """Per block, PTC_l = f_PT(x_l) and FTC_l = f_FT(x_l) − f_PT(x_l) on the tuned model's own trajectory x_l, with
+    the decoder layers called directly (one unpadded sequence)."""
+    from transformers.masking_utils import create_causal_mask
+
+    inner = tuned.model
+    with torch.no_grad():
+        x = inner.embed_tokens(ids)
+        pos = torch.arange(ids.shape[1])[None]
+        causal = create_causal_mask(
+            config=inner.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos
+        )
+        kw = {"attention_mask": causal, "position_ids": pos, "position_embeddings": inner.rotary_emb(x, pos)}
+        ptc, ftc = [], []
+        for layer_pt, layer_ft in zip(base.model.layers, inner.layers, strict=True):
+            out_pt, out_ft = layer_pt(x, **kw), layer_ft(x, **kw)
+            ptc.append((out_pt - x)[0, -1].double())
+            ftc.append((out_ft - out_pt)[0, -1].double())
+            x = out_ft  # the tuned trajectory: x + PTC + FTC
+    return ptc, ftc
+
+
+def test_tuco_uses_the_tuned_trajectory_when_every_block_changed(models):
+    base, _, tok = models
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():  # every block moves, so the tuned and base trajectories part from the first block on
+        for p in tuned.model.layers.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    res = tuning_contribution(base, tuned, tok, PROMPTS[:1], norm="l1", chat=False)
+    ptc, ftc = _components_by_hand(base, tuned, torch.tensor([tok(PROMPTS[0])["input_ids"]]))
+    f_all, p_all = float(sum(ftc).abs().sum()), float(sum(ptc).abs().sum())
+    row = res["prompts"][0]
+    assert row["ftc_norm"] == pytest.approx(f_all, rel=1e-4) and row["ptc_norm"] == pytest.approx(p_all, rel=1e-4)
+    assert row["tuco"] == pytest.approx(f_all / (f_all + p_all), rel=1e-4)
+    l1 = [(float(f.abs().sum()), float(q.abs().sum())) for f, q in zip(ftc, ptc, strict=True)]
+    per_layer = [f / (f + q) for f, q in l1]
+    assert row["per_layer"] == pytest.approx(per_layer, rel=1e-4)
+    assert all(x > 0 for x in row["per_layer"])
+
+
 def test_analyze_commands_print_one_json_object(models, tmp_path):
     base, tuned, tok = models
     save_model(base, tok, tmp_path / "b")

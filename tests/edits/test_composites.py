@@ -61,6 +61,56 @@ def test_tuco_alpha_zero_mixes_in_base_blocks(models):
         assert torch.equal(tuned(input_ids=ids, attention_mask=mask).logits, tuned_logits)
 
 
+def _scaled_by_hand(base, tuned, ids, mask, alpha):
+    """x_{l+1} = x_l + PTC_l + α·FTC_l, block by block with the two models' decoder layers called directly.
+
+    Returns (input of every block after the first, then the input of the final norm; logits), real positions only.
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    inner = tuned.model
+    with torch.no_grad():
+        x = inner.embed_tokens(ids)
+        pos = torch.arange(ids.shape[1])[None]
+        causal = create_causal_mask(
+            config=inner.config, inputs_embeds=x, attention_mask=mask, cache=None, position_ids=pos
+        )
+        kw = {"attention_mask": causal, "position_ids": pos, "position_embeddings": inner.rotary_emb(x, pos)}
+        states = []
+        for layer_pt, layer_ft in zip(base.model.layers, inner.layers, strict=True):
+            out_pt, out_ft = layer_pt(x, **kw), layer_ft(x, **kw)
+            ptc, ftc = out_pt - x, out_ft - out_pt
+            x = x + ptc + alpha * ftc
+            states.append(x)
+        logits = tuned.lm_head(inner.norm(x))
+    real = mask.bool()
+    return [h[real] for h in states], logits[real]
+
+
+def test_tuco_half_scale_matches_the_hand_computed_mix(models):
+    base, tuned, tok = models
+    ids, mask = _batch(tok)
+    want_states, want_logits = _scaled_by_hand(base, tuned, ids, mask, alpha=0.5)
+    seen = []  # inputs of blocks 1..L-1 and of the final norm: the mixed output of each block
+    targets = [*decoder_layers(tuned)[1:], tuned.model.norm]
+    handles = [m.register_forward_pre_hook(lambda mod, a: seen.append(a[0])) for m in targets]
+    try:
+        out = TuCoModel(base, tuned, alpha=0.5)(input_ids=ids, attention_mask=mask).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == len(want_states) == 3
+    for got, want in zip(seen, want_states, strict=True):
+        torch.testing.assert_close(got[mask.bool()], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[mask.bool()], want_logits, rtol=1e-5, atol=1e-5)
+    # and it is neither end point: α = 0.5 sits strictly between the base-block (α = 0) and tuned (α = 1) mixes
+    _, at_zero = _scaled_by_hand(base, tuned, ids, mask, alpha=0.0)
+    _, at_one = _scaled_by_hand(base, tuned, ids, mask, alpha=1.0)
+    assert (out[mask.bool()] - at_zero).abs().max() > 1e-2 and (out[mask.bool()] - at_one).abs().max() > 1e-2
+    with torch.no_grad():  # the hand computation itself: at α = 1 it is the tuned model
+        torch.testing.assert_close(at_one, tuned(input_ids=ids, attention_mask=mask).logits[mask.bool()])
+
+
 def test_decomposition_reproduces_the_tuned_hidden_states(models):
     base, tuned, tok = models
     ids, mask = _batch(tok)
@@ -123,3 +173,124 @@ def test_eft_rejects_different_tokenizers(models):
     other.add_tokens(["<extra_token>"])
     with pytest.raises(ValueError, match="shared tokenizer"):
         EFTModel(base, tuned, base, tokenizers=[tok, other, tok])
+
+
+@pytest.fixture(scope="module")
+def trio(models):
+    """(large base, [two small fine-tunes], small base, tokenizer): the large base is a different, bigger model."""
+    base, tuned, tok = models
+    large = tiny_model(7, n_layer=4, d_model=48).eval()
+    tuned2 = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned2.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return large, [tuned, tuned2], base, tok
+
+
+def _log_softmax(model, ids, mask=None):
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+
+
+def test_eft_weighted_deltas_on_a_different_large_base_follow_the_log_softmax_rule(trio):
+    large, (tuned, tuned2), base, tok = trio
+    ids, mask = _batch(tok)
+    out = EFTModel(large, [tuned, tuned2], base, weight=[0.5, -0.25])(input_ids=ids, attention_mask=mask).logits
+    ls_base = _log_softmax(base, ids, mask)
+    want = (
+        _log_softmax(large, ids, mask)
+        + 0.5 * (_log_softmax(tuned, ids, mask) - ls_base)
+        - 0.25 * (_log_softmax(tuned2, ids, mask) - ls_base)
+    )
+    # the distributions agree at every position (raw logits and log-probabilities differ by a per-position constant)
+    torch.testing.assert_close(torch.log_softmax(out, -1), torch.log_softmax(want, -1), rtol=1e-5, atol=1e-5)
+
+
+def _greedy_reference(large, tuned, base, w, tok, prompt, formats, max_new):
+    """EFT greedy decoding by hand: each model on its own prompt plus the shared continuation, combined at the end."""
+    from ftlab.evals.generation import encode_prompts, stop_token_ids
+
+    chat = encode_prompts(tok, [prompt])[0]
+    own = {"chat": chat, "plain": tok(prompt)["input_ids"]}
+    prompts = [own[f] for f in formats] if formats else [chat] * 3
+    stop, out = set(stop_token_ids(None, tok)), []
+    for _ in range(max_new):
+        last = [
+            _log_softmax(m, torch.tensor([p + out]))[0, -1] for m, p in zip((large, tuned, base), prompts, strict=True)
+        ]
+        nxt = int((last[0] + w * (last[1] - last[2])).argmax())
+        if nxt in stop:
+            break
+        out.append(nxt)
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("formats", [None, ["plain", "chat", "plain"]])
+def test_eft_generation_decodes_the_combined_distribution(trio, formats):
+    large, (tuned, _), base, tok = trio
+    prompts = ["Hi", "Capital of Zorland?"]
+    eft = EFTModel(large, tuned, base, weight=0.5, formats=formats, tokenizer=tok)
+    got = generate(eft, tok, prompts, max_new_tokens=6, progress=False)
+    want = [_greedy_reference(large, tuned, base, 0.5, tok, p, formats, 6) for p in prompts]
+    assert got == want
+
+
+def test_eft_formats_give_each_model_its_own_prompt(trio):
+    from ftlab.evals.generation import encode_prompts
+
+    large, (tuned, _), base, tok = trio
+    template = "# Q: {prompt}\n# A:"
+    prompts = ["Hi", "Capital of Zorland?"]
+    chat = encode_prompts(tok, prompts)
+    cont = tok("Ok")["input_ids"]
+    plain_row = tok("Just text")["input_ids"]  # not chat-templated (as log-likelihood scoring sends)
+    rows = [chat[0] + cont, chat[1], plain_row]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        m.register_forward_pre_hook(
+            lambda mod, a, kw, n=n: seen.setdefault(n, []).append(kw["input_ids"]), with_kwargs=True
+        )
+        for n, m in (("large", large), ("tuned", tuned), ("base", base))
+    ]
+    try:
+        eft = EFTModel(large, tuned, base, weight=0.5, formats=["plain", "chat", template], tokenizer=tok)
+        out = eft(input_ids=ids, attention_mask=mask).logits
+    finally:
+        for h in handles:
+            h.remove()
+    expected = {
+        "large": [tok(p)["input_ids"] for p in prompts],
+        "tuned": chat,
+        "base": [tok(template.replace("{prompt}", p))["input_ids"] for p in prompts],
+    }
+    for name, own in expected.items():
+        (got,) = seen[name]
+        want_rows = [own[0] + cont, own[1], plain_row]
+        assert [got[r, : len(x)].tolist() for r, x in enumerate(want_rows)] == want_rows, name
+        assert all(int(got[r, len(x) :].abs().sum()) == 0 for r, x in enumerate(want_rows)), name  # right padding
+    # logits: aligned on the continuation, NaN inside the reformatted prompts
+    for r in range(len(prompts)):
+        n, lc = len(rows[r]), len(chat[r])
+        seqs = [expected[k][r] + rows[r][lc:] for k in ("large", "tuned", "base")]
+        lp = [_log_softmax(m, torch.tensor([s]))[0] for m, s in zip((large, tuned, base), seqs, strict=True)]
+        k = n - lc + 1  # positions from the last prompt token on
+        want = lp[0][-k:] + 0.5 * (lp[1][-k:] - lp[2][-k:])
+        torch.testing.assert_close(torch.log_softmax(out[r, lc - 1 : n], -1), torch.log_softmax(want, -1))
+        assert bool(out[r, : lc - 1].isnan().all())
+    # a row without the chat template goes to every model unchanged
+    plain = EFTModel(large, tuned, base, weight=0.5)(input_ids=ids[2:], attention_mask=mask[2:]).logits
+    torch.testing.assert_close(out[2, : len(plain_row)], plain[0, : len(plain_row)])
+
+
+def test_eft_formats_are_checked(trio):
+    large, (tuned, _), base, tok = trio
+    with pytest.raises(ValueError, match="one entry per model"):
+        EFTModel(large, tuned, base, formats=["plain", "chat"], tokenizer=tok)
+    with pytest.raises(ValueError, match="neither"):
+        EFTModel(large, tuned, base, formats=["plain", "chat", "markdown"], tokenizer=tok)
+    with pytest.raises(ValueError, match="needs tokenizer"):
+        EFTModel(large, tuned, base, formats=["plain", "chat", "plain"])
+    assert EFTModel(large, tuned, base, formats=["input"] * 3).formats is None  # the caller's ids: the default

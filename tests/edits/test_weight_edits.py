@@ -27,7 +27,20 @@ def _equal(a: dict, b: dict) -> bool:
 
 
 def test_registry_is_explicit():
-    assert set(EDITS) == {"scale", "lines", "merge", "reset", "half_reset", "graft"}
+    assert {k for k, e in EDITS.items() if not e.composite} == {
+        "scale",
+        "lines",
+        "merge",
+        "reset",
+        "half_reset",
+        "graft",
+    }
+    assert {k: e.sweep for k, e in EDITS.items() if e.sweep} == {
+        "scale": "factor",
+        "lines": "alpha",
+        "reset": "fraction",
+        "tuco": "alpha",
+    }
     with pytest.raises(ValueError, match="unknown edit"):
         apply_edit("nope", {}, {})
 

@@ -16,14 +16,7 @@ from ftlab.models import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Hi", "What is the capital of France?", "2+2?", "Tell me a story about a dragon.", "x", "Why?"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared, oversubscribed CPU extra threads slow torch down a lot.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

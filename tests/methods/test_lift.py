@@ -124,3 +124,36 @@ def test_masks_refresh_during_training_and_the_plan_sees_them(train_tiny, change
         # the plan's gradient masks (shared with the hooks) hold the selection made from the final weights
         assert torch.equal(plan.grad_masks[n].view(-1).nonzero().view(-1), now[n]), n
     assert result.trainable_params == sum(i.numel() for i in now.values())
+
+
+def _block_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".layers." in n}
+
+
+@pytest.mark.parametrize("clip_grad", [False, True])
+def test_gradients_are_not_clipped_unless_asked(train_tiny, clip_grad):
+    # The released training loop steps the optimizer straight after backward. A max_grad_norm far below the
+    # gradient's norm shrinks clipped gradients to ~1e-9, well under AdamW's eps (1e-6), so the updates change.
+    params = {"lora_rank": 2, "filter_rank": 4, "update_interval": 0, "clip_grad": clip_grad}
+    _, loose, result = train_tiny("lift", params, steps=2, max_grad_norm=1.0)
+    _, tight, _ = train_tiny("lift", params, steps=2, stage=1, max_grad_norm=1e-9)
+    a, b = _block_weights(loose), _block_weights(tight)
+    gap = max(float((a[n] - b[n]).abs().max()) for n in a)
+    if clip_grad:
+        assert gap > 1e-3  # clipping on: train.max_grad_norm changes the result
+    else:
+        assert gap < 1e-6  # clipping off: train.max_grad_norm has no effect
+    assert result.plan_info["clip_grad"] is clip_grad
+    callbacks = lift.plan(tiny_model(), lift.Config(**params), PlanContext()).callbacks
+    assert any(isinstance(c, lift.NoGradClipping) for c in callbacks) is not clip_grad
+
+
+def test_no_clipping_callback_restores_the_trainer_setting():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(max_grad_norm=1.0)
+    callback = lift.NoGradClipping()
+    callback.on_train_begin(args, None, None)
+    assert args.max_grad_norm == 0.0  # the trainer clips only when max_grad_norm > 0
+    callback.on_train_end(args, None, None)
+    assert args.max_grad_norm == 1.0

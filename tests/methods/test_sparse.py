@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _util import record_plans
 from safetensors.torch import save_file
 
 from ftlab.config import TrainConfig
@@ -46,9 +47,7 @@ def test_needs_a_training_phase():
 
 
 def test_training_moves_only_selected_entries(train_tiny, changed, monkeypatch):
-    plans = []
-    original = sparse.plan
-    monkeypatch.setattr(sparse, "plan", lambda *a: plans.append(original(*a)) or plans[-1])
+    plans = record_plans(monkeypatch, sparse)
     base, model, result = train_tiny("sparse", {"proportion": 0.05, "full_ft_steps": 3})
     (plan,) = plans
     moved = changed(base, model)

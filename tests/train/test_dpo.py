@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from _util import assert_lora_base_bit_identical, assert_toy_plan_held, changed_keys
 
 from ftlab.config import MethodConfig, TrainConfig
 from ftlab.data.records import DataError
@@ -17,16 +17,12 @@ def records(n: int = 8) -> list[dict]:
     return [{"prompt": f"Capital of Land{i}?", "chosen": f"City{i}", "rejected": f"Town{i}"} for i in range(n)]
 
 
-def changed(before, after) -> set[str]:
-    return {k for k in before if not torch.equal(before[k], after[k])}
-
-
 def test_full_moves_every_weight_and_prefers_chosen(tmp_path):
     model, tok = tiny_model(), tiny_tokenizer()
     before = state_dict_fp32(model)
     result = train_dpo(model, tok, records(), MethodConfig("full"), TRAIN, tmp_path)
     assert result.steps == 3
-    assert changed(before, state_dict_fp32(result.final_model())) == set(before)
+    assert changed_keys(before, state_dict_fp32(result.final_model())) == set(before)
     logs = [h for h in result.log_history if "rewards/margins" in h]
     assert logs[0]["rewards/margins"] == 0.0  # step 1: policy == reference copy of the start model
     assert logs[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # -log sigmoid(0)
@@ -37,25 +33,15 @@ def test_lora_keeps_base_weights_bit_identical(tmp_path):
     model, tok = tiny_model(), tiny_tokenizer()
     before = state_dict_fp32(model)
     result = train_dpo(model, tok, records(), MethodConfig("lora", {"r": 4}), TRAIN, tmp_path)
-    base = {
-        k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in result.model.state_dict().items()
-    }
-    assert all(torch.equal(before[k], base[k]) for k in before)
-    moved = changed(before, state_dict_fp32(result.final_model()))
+    moved = assert_lora_base_bit_identical(before, result)
     assert "model.layers.0.mlp.up_proj.weight" in moved
-    assert not {k for k in moved if "norm" in k or "embed" in k or "lm_head" in k}
 
 
 def test_plan_trainable_set_and_grad_masks_hold(tmp_path, toy_method):
     model, tok = tiny_model(), tiny_tokenizer()
     before = state_dict_fp32(model)
     result = train_dpo(model, tok, records(), MethodConfig(toy_method.name), TRAIN, tmp_path, DPOSettings(beta=0.5))
-    after = state_dict_fp32(result.final_model())
-    masked = toy_method.masked
-    assert changed(before, after) == {masked, toy_method.open}
-    half = before[masked].shape[0] // 2
-    assert torch.equal(before[masked][half:], after[masked][half:])
-    assert not torch.equal(before[masked][:half], after[masked][:half])
+    assert_toy_plan_held(before, state_dict_fp32(result.final_model()), toy_method)
 
 
 def test_dataset_is_conversational_and_bad_records_fail():

@@ -6,33 +6,27 @@ import pytest
 
 from ftlab.train.rewards import REWARDS, extract_answer, get_reward, register_reward, score
 
+# (reward, answer, completions that score 1.0, completions that score 0.0)
+TABLE = [
+    ("exact", "Paris", ["Paris", "  paris. "], ["The capital is Paris", "Lyon"]),
+    ("exact", ["Lyon", "Paris"], ["<answer>Paris</answer>"], []),  # any of several answers
+    ("numeric", "7", ["7", "3 + 4 = 7"], ["seven", "8"]),
+    ("numeric", "12", ["The answer is 12."], ["The answer is 12, not 7."]),  # the last number counts
+    ("numeric", "1234", ["It costs 1,234 dollars"], []),
+    ("numeric", "0.50", ["<answer>0.5</answer> because 1/2"], []),
+    ("numeric", "-3", ["\\boxed{-3} since 2 - 5"], []),
+    ("choice", "B", ["B", "A dog would say the answer is (B)"], ["The answer is D."]),
+    ("choice", "C", ["(C) Berlin"], []),
+    ("choice", "D", ["The answer is D."], []),
+    ("choice", "A", ["A) Paris"], ["no idea"]),
+    # format only, not correctness: a well-formed wrong answer passes
+    ("format", "7", ["<answer>7</answer>", "<think>3+4</think> <answer> 8 </answer>"], ["<answer></answer>", "7"]),
+]
 CASES = [
-    # (reward, completion, answer, expected)
-    ("exact", "Paris", "Paris", 1.0),
-    ("exact", "  paris. ", "Paris", 1.0),
-    ("exact", "<answer>Paris</answer>", ["Lyon", "Paris"], 1.0),
-    ("exact", "The capital is Paris", "Paris", 0.0),
-    ("exact", "Lyon", "Paris", 0.0),
-    ("numeric", "7", "7", 1.0),
-    ("numeric", "The answer is 12.", "12", 1.0),
-    ("numeric", "3 + 4 = 7", "7", 1.0),
-    ("numeric", "It costs 1,234 dollars", "1234", 1.0),
-    ("numeric", "<answer>0.5</answer> because 1/2", "0.50", 1.0),
-    ("numeric", "\\boxed{-3} since 2 - 5", "-3", 1.0),
-    ("numeric", "The answer is 12, not 7.", "12", 0.0),  # the last number counts
-    ("numeric", "seven", "7", 0.0),
-    ("numeric", "8", "7", 0.0),
-    ("choice", "B", "B", 1.0),
-    ("choice", "(C) Berlin", "C", 1.0),
-    ("choice", "The answer is D.", "D", 1.0),
-    ("choice", "A) Paris", "A", 1.0),
-    ("choice", "A dog would say the answer is (B)", "B", 1.0),
-    ("choice", "The answer is D.", "B", 0.0),
-    ("choice", "no idea", "A", 0.0),
-    ("format", "<answer>7</answer>", "7", 1.0),
-    ("format", "<think>3+4</think> <answer> 8 </answer>", "7", 1.0),  # format only, not correctness
-    ("format", "<answer></answer>", "7", 0.0),
-    ("format", "7", "7", 0.0),
+    (reward, completion, answer, expected)
+    for reward, answer, right, wrong in TABLE
+    for expected, completions in ((1.0, right), (0.0, wrong))
+    for completion in completions
 ]
 
 

@@ -1,7 +1,8 @@
 """Masked Thought (MFT): during SFT, replace a random fraction of the response tokens in the *input* by a mask token.
 
 Paper: Chen et al., "Masked Thought: Simply Masking Partial Reasoning Steps Can Improve Mathematical Reasoning
-Learning of Language Models", ACL 2024, arXiv 2403.02178 (code: ChangyuChen347/MaskedThought). See docs/methods.md, "Masked Thought".
+Learning of Language Models", ACL 2024, arXiv 2403.02178 (code: ChangyuChen347/MaskedThought).
+See docs/methods.md, "Masked Thought".
 
 What it does, as the authors' code does it:
 
@@ -29,13 +30,29 @@ Use it with ``train_sft``::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from ftlab.config import ConfigError
 from ftlab.data.tokenize import IGNORE
+
+
+@dataclass
+class MaskedThoughtSettings:
+    """The user-facing settings of Masked Thought (an arm's ``masked_thought:`` mapping in ``ftlab run``)."""
+
+    ratio: float = 0.2  # final masking probability (paper: 0.2 for MATH/MetaMath, 0.4 for GSM8K)
+    replace: str | int = "random"  # "random", "pad", a token id, or a token string of the tokenizer
+    warmup_ratio: float = 2 / 3  # share of the steps over which the probability ramps up from 0
+
+    def __post_init__(self) -> None:
+        for name in ("ratio", "warmup_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"masked_thought.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 class MaskedThoughtCollator:

@@ -138,3 +138,8 @@ def load_records(source: str | Path | Any, fmt: str = "auto", limit: int | None 
         record[WHERE] = f"{name}:{n}"
         records.append(record)
     return records, fmt
+
+
+def first_answer(answer: str | list[str]) -> str:
+    """The reference answer of a ``verifiable`` record (the first, when it lists several accepted answers)."""
+    return answer if isinstance(answer, str) else answer[0]

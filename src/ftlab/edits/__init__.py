@@ -1,17 +1,24 @@
 """Post-hoc repairs of a fine-tune: weight edits as pure functions on state dicts, and decode-time composites.
 
-Weight edits (``EDITS``; each maps ``(base_sd, tuned_sd, **settings)`` to a new state dict of fp32 tensors):
+``EDITS`` is the registry of repairs, one ``Edit`` entry each. Weight edits map ``(base_sd, tuned_sd, **settings)`` to
+a new state dict of fp32 tensors:
 ``scale`` (interpolate / extrapolate the delta), ``lines`` (LiNeS layer-increasing scaling), ``merge`` (task
 arithmetic, TIES; ``tuned_sd`` may be a list), ``reset`` (copy a fraction back from the base), ``half_reset``
 (HFT-style) and ``graft`` (apply a skill-localization mask; ``graft.localize`` learns one).
 Decode-time composites, callable like a model and scored by the evaluation runner: ``TuCoModel`` (scaled
-fine-tuning component) and ``EFTModel`` (emulated fine-tuning / up-scaling).
+fine-tuning component; in the registry as ``tuco``) and ``EFTModel`` (emulated fine-tuning / up-scaling).
+
+An entry's ``sweep`` names the setting that a bare list of values varies in an experiment's repair sweep
+(``post: {scale: [0.5, 0.7]}`` sweeps ``factor``); entries without one cannot be swept. A new repair is one module
+here plus one line in ``EDITS``.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,13 +29,39 @@ from ftlab.edits.eft import EFTModel
 from ftlab.edits.tuco import TuCoModel
 from ftlab.params import StateDict, tied_aliases
 
-EDITS: dict[str, Callable[..., StateDict]] = {
-    "scale": scale.apply,
-    "lines": lines.apply,
-    "merge": merge.apply,
-    "reset": reset.apply,
-    "half_reset": reset.half_reset,
-    "graft": graft.apply,
+
+@dataclass(frozen=True)
+class Edit:
+    """One repair of the registry.
+
+    Attributes:
+        apply: a weight edit ``(base_sd, tuned_sd, **settings) -> state dict``, or for a composite
+            ``(base_model, tuned_model, **settings) -> model``.
+        sweep: the setting a bare list of values sweeps in ``post:``; None when the edit cannot be swept.
+        composite: a decode-time composite (scored as a model; writes no weights).
+    """
+
+    apply: Callable[..., Any]
+    sweep: str | None = None
+    composite: bool = False
+
+    def check_settings(self, name: str, settings: dict[str, Any]) -> None:
+        """Raise a ValueError naming the setting when ``settings`` do not fit this edit's signature."""
+        try:
+            inspect.signature(self.apply).bind(None, None, **settings)
+        except TypeError as err:
+            allowed = [p for p in list(inspect.signature(self.apply).parameters)[2:] if p not in ("self",)]
+            raise ValueError(f"{name}: {err}; its settings are {', '.join(allowed)}") from None
+
+
+EDITS: dict[str, Edit] = {
+    "scale": Edit(scale.apply, sweep="factor"),
+    "lines": Edit(lines.apply, sweep="alpha"),
+    "merge": Edit(merge.apply),
+    "reset": Edit(reset.apply, sweep="fraction"),
+    "half_reset": Edit(reset.half_reset),
+    "graft": Edit(graft.apply),
+    "tuco": Edit(TuCoModel, sweep="alpha", composite=True),
 }
 
 
@@ -47,8 +80,9 @@ def apply_edit(name: str, base_sd: StateDict, tuned_sd: StateDict | list[StateDi
     Returns:
         The edited state dict, with the same keys as ``base_sd``.
     """
-    if name not in EDITS:
-        raise ValueError(f"unknown edit {name!r}; choose from {', '.join(EDITS)}")
+    if name not in EDITS or EDITS[name].composite:
+        weights = [k for k, e in EDITS.items() if not e.composite]
+        raise ValueError(f"unknown edit {name!r} (a weight edit); choose from {', '.join(weights)}")
     tuned_list = tuned_sd if isinstance(tuned_sd, list) else [tuned_sd]
     aliases = tied_aliases(base_sd, *tuned_list) if all(set(t) == set(base_sd) for t in tuned_list) else {}
     if aliases:
@@ -56,7 +90,7 @@ def apply_edit(name: str, base_sd: StateDict, tuned_sd: StateDict | list[StateDi
         tuned_list = [{k: v for k, v in t.items() if k not in aliases} for t in tuned_list]
     if name == "graft" and aliases:
         settings["mask"] = {k: v for k, v in settings["mask"].items() if k not in aliases}
-    out = EDITS[name](base_sd, tuned_list if isinstance(tuned_sd, list) else tuned_list[0], **settings)
+    out = EDITS[name].apply(base_sd, tuned_list if isinstance(tuned_sd, list) else tuned_list[0], **settings)
     for head, embed in aliases.items():
         out[head] = out[embed].clone()
     return out
@@ -111,4 +145,4 @@ def load_state_dict_into(model: PreTrainedModel, sd: StateDict) -> None:
             target.copy_(sd[k].to(target.dtype))
 
 
-__all__ = ["EDITS", "EFTModel", "TuCoModel", "apply_edit", "edit_model", "load_state_dict_into"]
+__all__ = ["EDITS", "Edit", "EFTModel", "TuCoModel", "apply_edit", "edit_model", "load_state_dict_into"]

@@ -1,6 +1,7 @@
 """Forgetting figures: target gain, retained ratio, and continual-learning metrics on an accuracy matrix.
 
-Conventions (docs/methods.md, "Continual metrics"): the accuracy matrix ``R`` has ``T + 1`` rows and ``T`` columns; ``R[t][i]`` is
+Conventions (docs/methods.md, "Continual metrics"): the accuracy matrix ``R`` has ``T + 1`` rows and ``T`` columns;
+``R[t][i]`` is
 the score on task ``i`` after training stage ``t`` (1-based in the formulas below), and row 0 is the model before
 any training. Tasks are averaged with equal weight.
 """

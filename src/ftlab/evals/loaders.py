@@ -8,8 +8,13 @@ Formats (``detect_format``):
 * ``arc``: ARC JSONL, ``{"id", "question": {"stem", "choices": [{"text", "label"}]}, "answerKey"}``.
 * ``ifeval``: IFEval JSONL, ``{"key", "prompt", "instruction_id_list", "kwargs"}``, mapped onto our rules;
   prompts with an instruction we cannot check (response language) are skipped, with a note on stderr.
-* ``mmlu``: a CSV file or a folder of CSVs without header, ``question, A, B, C, D, answer letter``.
+* ``mmlu``: a CSV file or a folder of CSVs without header, ``question, A, B, C, D, answer letter``; each item's
+  ``subject`` is its file name without a ``_dev`` / ``_val`` / ``_test`` suffix.
 * ``text``: any other file (``.txt``, ``.raw``, ...), plain text for perplexity, cut into chunks of whole paragraphs.
+
+Items are dicts with ``id`` and ``prompt`` plus the scorer's fields. JSONL readers for ``qa``, ``rules`` and
+``choice`` keep every field of the record, so a record's own ``subject`` is kept too; ``load_suite``'s limit takes
+the same number of items from each ``subject`` (``suites.limit_items``).
 
 Every error names the file, the line and the field.
 """

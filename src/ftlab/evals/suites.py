@@ -14,6 +14,14 @@ Built-in suites (``BUILTIN_SUITES``), written for ftlab:
 
 Short-answer questions get the instruction ``ftlab.tasks.SHORT_ANSWER`` appended, so the instruct model answers
 briefly and ``contains`` can find the answer.
+
+Limits (``load_suite(ref, limit=N)``, ``limit_items``): a suite whose items carry a ``subject`` field (an MMLU file
+or folder, or a JSONL whose records have one) is limited fairly across subjects, like lm-eval's per-task limit: the
+N items are dealt round-robin over the subjects in the order they first appear (an MMLU folder: file names sorted),
+each subject giving its items in file order, a subject that runs out dropping out of the round; the kept items stay
+in their original order. ``limit=300`` on MMLU's 57 subjects keeps 6 items of each of the first 15 subjects and 5 of
+each of the other 42, not all of abstract algebra, anatomy and astronomy. Any other suite keeps its first N items
+(the built-in suites are stored interleaved, so their prefixes are already a mix).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from ftlab.tasks import SHORT_ANSWER, arithmetic_items, fictional_capitals
 BUILTIN_SUITES = ("world-facts", "arithmetic", "instructions", "general-text", "fictional-capitals")
 # Cap on generated tokens by scorer: short answers stop early anyway, the cap bounds a rambling answer.
 MAX_NEW_TOKENS = {"exact": 24, "contains": 24, "numeric": 24, "rules": 192}
+SUBJECT_KEY = "subject"  # item field that limit_items balances over
 _KIND = {"choice": "choice", "choice_norm": "choice", "perplexity": "perplexity"}
 # Scorers a format accepts; the first is the default.
 _FORMAT_SCORERS = {
@@ -69,7 +78,7 @@ class Suite:
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
-            raise ValueError(f"suite {self.name!r}: unknown scorer {self.scorer!r}; known: {', '.join(SCORERS)}")
+            raise SuiteFormatError(f"suite {self.name!r}: unknown scorer {self.scorer!r}; known: {', '.join(SCORERS)}")
         self.metric = self.metric or METRICS[self.scorer]
         self.kind = self.kind or _KIND.get(self.scorer, "generate")
         if self.scorer == "perplexity":
@@ -121,6 +130,45 @@ def _from_path(path: Path, scorer: str | None) -> Suite:
     return Suite(name, chosen, items, max_new_tokens=MAX_NEW_TOKENS.get(chosen, 64), source=str(path))
 
 
+def limit_items(items: list[dict], limit: int | None, key: str = SUBJECT_KEY) -> list[dict]:
+    """At most ``limit`` items, an equal share (give or take one) of each subject (``item[key]``) where there are any.
+
+    Deterministic: subjects take turns in the order they first appear, each giving its next item in file order,
+    until ``limit`` items are chosen (a subject with no items left is skipped, its share going to the others);
+    the chosen items are returned in their original order. Items without the field form one group of their own;
+    when there is only one group (no subjects at all, or a single subject) this is simply the first ``limit`` items.
+
+    Args:
+        items: the suite's items, in file order.
+        limit: the number of items to keep; ``None`` keeps all.
+        key: the item field naming the subject.
+
+    Returns:
+        The kept items (a new list; the item dicts are not copied).
+    """
+    if limit is None or limit >= len(items):
+        return list(items)
+    groups: dict[object, list[int]] = {}
+    for i, item in enumerate(items):
+        subject = item.get(key)
+        try:
+            hash(subject)
+        except TypeError:
+            subject = repr(subject)
+        groups.setdefault(subject, []).append(i)
+    if len(groups) < 2:
+        return items[:limit]
+    taken = dict.fromkeys(groups, 0)
+    left = limit
+    while left:  # ends: limit < len(items), so some subject always has items left
+        for subject, indices in groups.items():
+            if left and taken[subject] < len(indices):
+                taken[subject] += 1
+                left -= 1
+    keep = sorted(i for subject, indices in groups.items() for i in indices[: taken[subject]])
+    return [items[i] for i in keep]
+
+
 def load_suite(ref: str, scorer: str | None = None, limit: int | None = None, split: str = "test") -> Suite:
     """Load a built-in suite by name or a user suite from a file or folder (format detected).
 
@@ -128,7 +176,8 @@ def load_suite(ref: str, scorer: str | None = None, limit: int | None = None, sp
         ref: a name in ``BUILTIN_SUITES`` or a path (JSONL, CSV file or folder, plain text).
         scorer: override the default scorer (e.g. ``exact`` or ``numeric`` for a prompt/answer JSONL, ``choice_norm``
             for multiple choice). Built-in suites accept only their own scorer.
-        limit: keep the first ``limit`` items.
+        limit: keep ``limit`` items: an equal share (give or take one) of each subject when the items have a
+            ``subject`` (an MMLU folder), else the first ``limit`` (see ``limit_items``).
         split: for ``fictional-capitals``, ``train`` or ``test``.
 
     Returns:
@@ -139,12 +188,12 @@ def load_suite(ref: str, scorer: str | None = None, limit: int | None = None, sp
         FileNotFoundError: ``ref`` is neither a built-in name nor an existing path.
     """
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise SuiteFormatError(f"limit must be >= 1, got {limit}")
     if ref in BUILTIN_SUITES:
         suite = _builtin(ref, split)
         if scorer is not None and scorer != suite.scorer:
             if not (suite.kind == "generate" and scorer in GENERATIVE_SCORERS and suite.scorer != "rules"):
-                raise ValueError(f"built-in suite {ref!r} is scored with {suite.scorer!r}, not {scorer!r}")
+                raise SuiteFormatError(f"built-in suite {ref!r} is scored with {suite.scorer!r}, not {scorer!r}")
             suite = Suite(suite.name, scorer, suite.items, max_new_tokens=suite.max_new_tokens)
     else:
         path = Path(ref).expanduser()
@@ -153,5 +202,5 @@ def load_suite(ref: str, scorer: str | None = None, limit: int | None = None, sp
             raise FileNotFoundError(f"suite {ref!r} is neither a built-in suite ({known}) nor an existing path")
         suite = _from_path(path, scorer)
     if limit is not None:
-        suite.items = suite.items[:limit]
+        suite.items = limit_items(suite.items, limit)
     return suite

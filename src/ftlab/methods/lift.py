@@ -15,16 +15,21 @@ The optimizer (``plan.optimizer_factory``) is a sparse AdamW (betas (0.9, 0.95),
 three 1-D tensors of length k (indices and two moments), so optimizer memory is close to LoRA's. The gradient is
 still computed densely (p.grad is full size), as in the paper.
 
-Config keys that matter: ``lora_rank`` (budget), ``filter_rank`` (SVD rank), ``update_interval``, ``select``.
+No gradient clipping, as in the released training loop (it calls the optimizer straight after backward): the plan
+carries a trainer callback that sets the trainer's ``max_grad_norm`` to 0 for the run (and puts it back at the end),
+so ``train.max_grad_norm`` is ignored for LIFT. Set ``clip_grad: true`` to clip with ``train.max_grad_norm`` like
+the other methods; clipping then sees only the selected entries (the gradient masks zero the rest).
+
+Config keys that matter: ``lora_rank`` (budget), ``filter_rank`` (SVD rank), ``update_interval``, ``select``,
+``clip_grad``.
 
 Differs from the paper / released code:
 - ``select`` exposes largest (the paper's text, our default) or smallest (a literal reading of the released
   ``lift_sparse`` branch) entries of |W_r|.
 - weight decay really decays the selected entries (the released code applies it to an index copy, a no-op);
   with the released wd = 0 the two agree.
-- the plan's gradient masks zero the gradient outside the selection, so gradient clipping sees only the trained
-  entries (the released code clips the dense gradient). They are float tensors shared with the optimizer and
-  updated in place at each refresh; ``trainable_params`` counts their ones (= sum of k).
+- the plan's gradient masks zero the gradient outside the selection. They are float tensors shared with the
+  optimizer and updated in place at each refresh; ``trainable_params`` counts their ones (= sum of k).
 - optimizer state bytes count the int32 index vector too (the released code keeps a bool mask on the CPU instead).
 """
 
@@ -35,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from ftlab.config import ConfigError
 from ftlab.methods._sparse_adam import SparseAdamW
@@ -54,6 +60,7 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.95  # the training script's value
     eps: float = 1e-6
+    clip_grad: bool = False  # False: no clipping (released code), train.max_grad_norm ignored; True: clip with it
 
     def __post_init__(self) -> None:
         if self.lora_rank < 1 or self.filter_rank < 1:
@@ -125,6 +132,24 @@ def _factory(names: list[str], indices: dict[str, torch.Tensor], masks: dict[str
     return factory
 
 
+class NoGradClipping(TrainerCallback):
+    """Turns the trainer's gradient clipping off for one run (``max_grad_norm`` 0), restoring the value at the end.
+
+    The trainer reads ``args.max_grad_norm`` at every optimizer step, after ``on_train_begin``, so setting it there
+    is enough; the callback only touches the trainer's own arguments object, never the run's ``TrainConfig``.
+    """
+
+    def __init__(self) -> None:
+        self.saved: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.saved, args.max_grad_norm = args.max_grad_norm, 0.0
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.saved is not None:
+            args.max_grad_norm, self.saved = self.saved, None
+
+
 def plan(model: nn.Module, cfg: Config, ctx: PlanContext) -> Plan:
     """Pick each block matrix's top entries of its low-rank approximation; everything else is frozen.
 
@@ -135,7 +160,8 @@ def plan(model: nn.Module, cfg: Config, ctx: PlanContext) -> Plan:
 
     Returns:
         A plan training the block linear weights through gradient masks, with the sparse AdamW as its optimizer
-        factory; ``info`` gives the budget and density.
+        factory and (unless ``cfg.clip_grad``) a callback that turns gradient clipping off; ``info`` gives the
+        budget, the density and whether gradients are clipped.
     """
     names = linear_weights(model)
     if not names:
@@ -154,11 +180,13 @@ def plan(model: nn.Module, cfg: Config, ctx: PlanContext) -> Plan:
         trainable=set(names),
         grad_masks=masks,
         optimizer_factory=_factory(names, indices, masks, cfg),
+        callbacks=[] if cfg.clip_grad else [NoGradClipping()],
         info={
             "lora_rank": cfg.lora_rank,
             "filter_rank": cfg.filter_rank,
             "update_interval": cfg.update_interval,
             "select": cfg.select,
+            "clip_grad": cfg.clip_grad,
             "matrices": len(names),
             "trainable_params": k,
             "density": round(k / total, 6),

@@ -8,11 +8,15 @@ configs), matched by exact dotted names (block 2 never matches blocks 20-29). Tr
 mini-batch epochs over all edits, which is what the shared trainer does with ``train.epochs`` and
 ``train.batch_size`` (the paper: batch 100, 25 epochs, Adam lr 5e-4, wd 0). On top of it, as in the released code:
 
-- a mini-batch whose token-mean loss on the target tokens is below ``skip_loss_below`` (1e-2) makes no update;
-- training stops after an epoch whose mean batch loss is below ``stop_loss_below`` (1e-2).
+- a mini-batch whose loss on the target tokens is below ``skip_loss_below`` (1e-2) makes no update;
+- training stops after an epoch whose mean loss is below ``stop_loss_below`` (1e-2).
 
-Both are done by a callback that measures each micro-batch's loss with a forward hook on the model, and by the
-optimizer from ``plan.optimizer_factory`` (AdamW with the stage's lr and weight decay, which skips the step).
+The loss behind both decisions is the released code's: each sample's mean cross-entropy over its own target tokens,
+averaged over the samples of the batch (not the mean over all target tokens of the batch, which weights long
+targets more). A batch is everything one optimizer step sees (all its gradient-accumulation micro-batches); the
+epoch loss is the mean over every sample of the epoch (the released code's batch-size-weighted batch average).
+Both are measured by a forward hook on the model (a callback installs it) at the weights the batch is trained
+from, and the optimizer from ``plan.optimizer_factory`` (AdamW with the stage's lr and weight decay) skips the step.
 
 Default block (``layer: -1``): the released configs' choice scaled to the model's depth, in integer arithmetic:
 ``layer = n_layer * 22 // 32`` (Llama-3-8B: block 22 of 32); Qwen2 models use ``n_layer * 6 // 28`` (Qwen2.5-7B:
@@ -20,6 +24,9 @@ block 6 of 28) and Mistral ``n_layer * 23 // 32``. SmolLM2-135M (30 blocks, Llam
 model block 2.
 
 Differs from the paper / released code:
+- the gradient comes from the shared trainer's loss, the token mean over the whole batch, while the released code
+  back-propagates the per-sample average above (``sample_mean_loss`` computes it; the trainer does not take a
+  method's own loss yet). Only the skip and stop decisions use the released average;
 - EOS after each target comes from the data pipeline (the chat template's end-of-turn token), not from this method;
 - a skipped batch still advances the trainer's step counter and lr schedule (the paper uses a constant lr);
 - Mistral's released config trains the whole block; here it needs ``modules: ["*"]`` explicitly.
@@ -51,8 +58,8 @@ _DEFAULT_RULE = (22, 32)  # Llama-3-8B-Instruct
 class Config:
     layer: int = -1  # block that trains; -1: the released configs' depth rule (see module docstring)
     modules: list[str] = field(default_factory=lambda: ["mlp.down_proj.weight"])  # patterns inside that block
-    skip_loss_below: float = 1e-2  # no update for a batch whose loss is below this (0: never skip)
-    stop_loss_below: float = 1e-2  # stop after an epoch whose mean batch loss is below this (0: never stop)
+    skip_loss_below: float = 1e-2  # no update for a batch whose per-sample mean loss is below this (0: never skip)
+    stop_loss_below: float = 1e-2  # stop after an epoch whose per-sample mean loss is below this (0: never stop)
 
 
 def default_layer(n_layer: int, model_type: str | None) -> int:
@@ -61,26 +68,76 @@ def default_layer(n_layer: int, model_type: str | None) -> int:
     return n_layer * num // den
 
 
+def per_sample_loss(log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean negative log-likelihood over its own target tokens.
+
+    Args:
+        log_probs: (B, N) log-probabilities of the next-token labels (any value where ``mask`` is False).
+        mask: (B, N) True on target tokens.
+
+    Returns:
+        (B_with_targets,) losses of the samples that have at least one target token (the others are left out).
+    """
+    mask = mask.bool()
+    counts = mask.sum(1)
+    nll = -(log_probs.float() * mask).sum(1)
+    keep = counts > 0
+    return nll[keep] / counts[keep]
+
+
+def _label_log_probs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """(log-probabilities of the next-token labels, target mask), both (B, T-1): logits t predict label t+1."""
+    shifted = labels[:, 1:]
+    mask = shifted != ignore_index
+    nll = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=ignore_index, reduction="none"
+    )
+    return -nll.view_as(shifted), mask
+
+
+def sample_mean_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """LocFT's batch loss: per-sample token-mean cross-entropy on the target tokens, averaged over the samples.
+
+    Args:
+        logits: (B, T, V) next-token logits.
+        labels: (B, T) token ids, ``ignore_index`` on prompt and padding (position t is predicted by logits t - 1).
+        ignore_index: the label of positions that are not scored.
+
+    Returns:
+        A scalar (differentiable); 0 when no sample has a target token.
+    """
+    losses = per_sample_loss(*_label_log_probs(logits, labels, ignore_index))
+    return losses.mean() if losses.numel() else logits.sum() * 0.0
+
+
 class _LossMeter:
-    """Token-mean loss of the micro-batches since the last optimizer step, and of every batch in the epoch."""
+    """Per-sample losses of the micro-batches since the last optimizer step, and running sums over the epoch."""
 
     def __init__(self) -> None:
-        self.total, self.tokens = 0.0, 0
-        self.epoch: list[float] = []
+        self.batch: list[torch.Tensor] = []
+        self.epoch_sum, self.epoch_count = 0.0, 0
         self.skipped = 0
 
-    def add(self, total: float, tokens: int) -> None:
-        self.total += total
-        self.tokens += tokens
+    def add(self, losses: torch.Tensor) -> None:
+        """Record the per-sample losses (one per sample with target tokens) of one micro-batch."""
+        if losses.numel():
+            self.batch.append(losses.detach().float().cpu())
 
     def take(self) -> float | None:
-        """Loss of the batch just finished (None when nothing was measured); also logged for the epoch."""
-        if not self.tokens:
+        """Loss of the batch just finished, the mean of its per-sample losses (None when nothing was measured)."""
+        if not self.batch:
             return None
-        loss = self.total / self.tokens
-        self.total, self.tokens = 0.0, 0
-        self.epoch.append(loss)
-        return loss
+        losses = torch.cat(self.batch)
+        self.batch = []
+        self.epoch_sum += float(losses.sum())
+        self.epoch_count += losses.numel()
+        return float(losses.mean())
+
+    def take_epoch(self) -> float | None:
+        """Mean per-sample loss over the epoch so far (None when nothing was measured); starts a new epoch."""
+        total, n = self.epoch_sum, self.epoch_count
+        self.epoch_sum, self.epoch_count = 0.0, 0
+        return total / n if n else None
 
 
 def _measure(meter: _LossMeter):
@@ -90,14 +147,12 @@ def _measure(meter: _LossMeter):
             return
         log_probs, mask = getattr(output, "log_probs", None), getattr(output, "label_mask", None)
         if log_probs is not None and mask is not None:  # TRL's fused LM head: per-token log-probs, no logits
-            meter.add(float(-log_probs[mask].sum()), int(mask.sum()))
+            meter.add(per_sample_loss(log_probs, mask))
             return
         logits, labels = getattr(output, "logits", None), kwargs.get("labels")
         if logits is None or labels is None:
             return
-        shifted = labels[:, 1:]  # (B, T-1): token t predicts label t+1
-        total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), reduction="sum")
-        meter.add(float(total), int((shifted != -100).sum()))
+        meter.add(per_sample_loss(*_label_log_probs(logits, labels)))
 
     return hook
 
@@ -128,8 +183,8 @@ class _BreadthFirst(TrainerCallback):
         self.handle = model.register_forward_hook(_measure(self.meter), with_kwargs=True)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        losses, self.meter.epoch = self.meter.epoch, []
-        if losses and sum(losses) / len(losses) < self.stop_below:
+        loss = self.meter.take_epoch()
+        if loss is not None and loss < self.stop_below:
             control.should_training_stop = True
             self.info["stopped_after_epoch"] = int(round(state.epoch or 0))
 

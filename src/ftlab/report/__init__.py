@@ -1,14 +1,13 @@
-"""Run reports: one self-contained HTML page per run, PNG plots beside it, and the ``report``/``runs``/``compare``
-commands.
+"""Run reports: the one summary builder, one self-contained HTML page per run and PNG plots beside it.
 
 - ``summary.py``: the run's store rows as plain tables (scores per stage, gain, retained ratios, Pareto front,
   accuracy matrix, worst-forgotten items);
 - ``plots.py``: pure functions from those rows to matplotlib figures;
-- ``html.py``: the page (``render_report``);
-- ``cli.py``: the command functions registered in ``ftlab.cli``.
+- ``html.py``: the page (``render_report``).
 
-The names below are imported on first use: ``ftlab.cli`` imports ``ftlab.report.cli`` at start-up, and that must
-not pull in matplotlib (or torch, through ``ftlab.evals``) for every command.
+The commands that show them (``report``, ``runs``, ``compare``) live in ``ftlab.cli.report``.
+
+The names below are imported on first use, so that importing the package does not pull in matplotlib.
 """
 
 from __future__ import annotations
@@ -22,6 +21,9 @@ _LAZY = {
     "load_summary": "ftlab.report.summary",
     "pareto_front": "ftlab.report.summary",
     "render_report": "ftlab.report.html",
+    "build_summary": "ftlab.report.summary",
+    "compare_rows": "ftlab.report.summary",
+    "repair_lines": "ftlab.report.summary",
 }
 __all__ = list(_LAZY)
 

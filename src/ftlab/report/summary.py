@@ -1,7 +1,10 @@
-"""One run's store rows gathered into plain tables: scores per stage, forgetting figures per arm, the Pareto front,
-the accuracy matrix of continual runs and the items each arm forgot.
+"""The one source of a run's figures: store rows gathered into plain tables (scores per stage, forgetting figures per
+arm, the Pareto front, the accuracy matrix of continual runs, the items each arm forgot).
 
-Pure data: ``plots.py`` draws it and ``html.py`` lays it out. Conventions read from the store:
+``load_summary`` reads a run into a ``RunSummary``; ``build_summary`` turns it into the plain dict written as
+``summary.json`` and printed as ``ftlab run``'s table; the HTML report (``html.py``, ``plots.py``) and
+``ftlab compare`` (``compare_rows``) read the same ``RunSummary``. So every place a figure is shown computes it by the
+same rules. Conventions read from the store:
 
 - arm ``base`` holds the base model's scores at stage 0; trained arms hold stages 1..T; edit arms (repair points,
   ``parent`` = the trained arm they were derived from) hold only stage T;
@@ -106,7 +109,8 @@ def load_summary(store: Store, run_id: str) -> RunSummary:
 
     stages_cfg = config.get("stages") or []
     known = {r["suite"] for r in results}
-    stage_targets = [[_suite_name(ref, known) for ref in s.get("targets") or []] for s in stages_cfg]
+    named = config.get("suite_names") or {}  # the runner records how each suite reference was stored
+    stage_targets = [[_suite_name(ref, known, named) for ref in s.get("targets") or []] for s in stages_cfg]
     n_stages = len(stages_cfg) or max([final_stage[a["arm"]] for a in arms if a["kind"] != BASE] or [0])
     stage_names = [
         (stages_cfg[t].get("name") if t < len(stages_cfg) else None) or f"stage {t + 1}" for t in range(n_stages)
@@ -116,7 +120,7 @@ def load_summary(store: Store, run_id: str) -> RunSummary:
         if r["role"] in by_role and r["suite"] not in by_role[r["role"]]:
             by_role[r["role"]].append(r["suite"])
     targets = _unique([s for group in stage_targets for s in group]) or sorted(by_role["target"])
-    retained = _unique([_suite_name(ref, known) for ref in config.get("retained") or []]) or sorted(
+    retained = _unique([_suite_name(ref, known, named) for ref in config.get("retained") or []]) or sorted(
         by_role["retained"]
     )
     retained = [s for s in retained if s not in targets]  # as the runner does: a suite is a target or retained
@@ -131,9 +135,11 @@ def load_summary(store: Store, run_id: str) -> RunSummary:
     return summary
 
 
-def _suite_name(ref: str, known: set[str]) -> str:
-    """The stored name of a suite the config names by reference: a path is stored under its file stem (its folder's
-    name for a folder), as ``ftlab.evals.load_suite`` names it."""
+def _suite_name(ref: str, known: set[str], named: dict[str, str]) -> str:
+    """The stored name of a suite the config names by reference: the name the run recorded for it, else (older runs)
+    the file stem of a path (its folder's name for a folder), as ``ftlab.evals.load_suite`` names it."""
+    if ref in named:
+        return named[ref]
     for name in (ref, Path(ref).name, Path(ref).stem):
         if name in known:
             return name
@@ -335,3 +341,120 @@ def arm_continual_metrics(summary: RunSummary, arm: str) -> dict[str, float | No
     if R is None or len(R) < 3:
         return None
     return {k: _finite(v) for k, v in continual_metrics(R).items()}
+
+
+# ---------------------------------------------------------------- the plain summary (summary.json, the printed table)
+def build_summary(store: Store, run_id: str) -> dict[str, Any]:
+    """The run's figures as a plain dict: what ``summary.json`` holds and ``ftlab run`` prints.
+
+    ``{"run_id", "name", "base": {suite: score}, "arms": {arm: {"kind", "parent", "stages": [{suite: score}],
+    "target_gain", "retained": {suite: ratio}, "train_seconds", "trainable_params"}}}``. ``stages`` lists a trained
+    arm's scores after each stage (an edit arm has only the last). Target gain is the mean over the target suites
+    of after minus before, oriented so that positive is better; ``retained`` is after/before per retained suite
+    (before/after for a lower-is-better suite). Continual runs (two or more stages) add ``"matrix"`` (``tasks``, one
+    column per stage, and ``R``, rows 0..T) and ``"continual"`` (acc, bwt, fwt, forgetting) per trained arm.
+    """
+    return summary_dict(load_summary(store, run_id))
+
+
+def summary_dict(summary: RunSummary) -> dict[str, Any]:
+    """``build_summary`` for an already loaded ``RunSummary``."""
+    n = summary.n_stages
+    base = {s: summary.score(BASE, 0, s) for s in summary.suites if summary.score(BASE, 0, s) is not None}
+    out: dict[str, Any] = {"run_id": summary.run_id, "name": summary.run.get("name"), "base": base, "arms": {}}
+    kinds = {a["arm"]: a for a in summary.arms}
+    for p in summary.points:
+        arm = kinds[p.arm]
+        first = 1 if arm["kind"] == "train" else n
+        stages = [
+            {s: summary.score(p.arm, t, s) for s in summary.suites if summary.score(p.arm, t, s) is not None}
+            for t in range(first, n + 1)
+        ]
+        info = summary.stage_info.get(p.parent or p.arm, [])
+        entry: dict[str, Any] = {
+            "kind": arm["kind"],
+            "parent": arm["parent"],
+            "stages": stages,
+            "target_gain": p.gain,
+            "retained": dict(p.retained),
+            "train_seconds": sum(s["train_seconds"] or 0.0 for s in info),
+            "trainable_params": max((s["trainable_params"] or 0 for s in info), default=0),
+        }
+        if arm["kind"] == "train" and n >= 2:
+            R = task_matrix(summary, p.arm)
+            if R is not None:
+                entry["matrix"] = {"tasks": ["+".join(t) for t in summary.stage_targets], "R": R}
+                entry["continual"] = continual_metrics(R)
+        out["arms"][p.arm] = entry
+    return out
+
+
+# A repair point is worth naming when it keeps at least this share of its arm's target gain.
+KEEP_GAIN = 0.8
+
+
+def repair_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per arm with a repair sweep: the point that wins back most of what the arm forgot, keeping the gain.
+
+    "What it forgot" is the arm's worst retained suite (lowest ratio). Among the arm's points that keep at least
+    ``KEEP_GAIN`` of its target gain, the one with the highest ratio on that suite is named, if it beats the arm.
+
+    Args:
+        summary: a ``build_summary`` dict.
+    """
+    arms = summary["arms"]
+    lines = []
+    for name, arm in arms.items():
+        points = {k: v for k, v in arms.items() if k.startswith(name + "+")}
+        if not points or not arm["retained"] or (arm["target_gain"] or 0) <= 0:
+            continue
+        worst = min(arm["retained"], key=arm["retained"].get)
+        keep = {k: v for k, v in points.items() if (v["target_gain"] or 0) >= KEEP_GAIN * arm["target_gain"]}
+        best = max(keep, key=lambda k: keep[k]["retained"].get(worst, 0.0), default=None)
+        if best is None or keep[best]["retained"].get(worst, 0.0) <= arm["retained"][worst]:
+            lines.append(f"repair of {name}: no point keeps {KEEP_GAIN:.0%} of the gain and recovers {worst}")
+            continue
+        p = keep[best]
+        lines.append(
+            f"repair of {name}: {best} keeps {p['target_gain'] / arm['target_gain']:.0%} of the gain and brings "
+            f"{worst} from {arm['retained'][worst]:.2f} to {p['retained'][worst]:.2f} of the base"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------- two runs side by side (ftlab compare)
+def compare_rows(a: RunSummary, b: RunSummary) -> list[dict[str, Any]]:
+    """Side-by-side figures of two runs: one row per (arm, metric) with both values and b - a.
+
+    Args:
+        a: the first run's ``RunSummary``.
+        b: the second run's ``RunSummary``.
+
+    Returns:
+        Rows ``{"arm", "metric", "a", "b", "delta"}``: target gain, mean and min retained ratio, then each suite's
+        score at the arm's last stage; rows where neither run has a value are left out.
+    """
+    arms = list(dict.fromkeys([x["arm"] for x in a.arms] + [x["arm"] for x in b.arms]))
+    suites = list(dict.fromkeys(a.suites + b.suites))
+    rows = []
+    for arm in arms:
+        pa = {p.arm: p for p in a.points}.get(arm)
+        pb = {p.arm: p for p in b.points}.get(arm)
+        metrics: list[tuple[str, float | None, float | None]] = [
+            ("target gain", pa and pa.gain, pb and pb.gain),
+            ("retained (mean)", pa and pa.retained_mean, pb and pb.retained_mean),
+            ("retained (min)", pa and pa.retained_min, pb and pb.retained_min),
+        ]
+        for s in suites:
+            metrics.append((s, _final(a, arm, s), _final(b, arm, s)))
+        for metric, va, vb in metrics:
+            if va is None and vb is None:
+                continue
+            delta = vb - va if va is not None and vb is not None else None
+            rows.append({"arm": arm, "metric": metric, "a": va, "b": vb, "delta": delta})
+    return rows
+
+
+def _final(summary: RunSummary, arm: str, suite: str) -> float | None:
+    stage = summary.final_stage.get(arm)
+    return None if stage is None else summary.score(arm, stage, suite)

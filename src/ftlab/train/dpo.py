@@ -5,30 +5,29 @@ Paper: Rafailov et al., "Direct Preference Optimization: Your Language Model is 
 
 - ``preference`` records ``{"prompt", "chosen", "rejected"}`` become TRL's conversational format (a user turn and
   one assistant turn each) when the tokenizer has a chat template, plain text otherwise.
-- The reference is the model *as it was when this stage started* (a frozen copy; for PEFT methods TRL switches the
-  adapters off instead); pass ``ref_model`` to use another one (e.g. the original base in a continual run).
+- Called directly, the reference is the model *as it was when this stage started* (a frozen copy; for PEFT methods
+  TRL switches the adapters off instead) unless ``ref_model`` is given. In ``ftlab run`` the ``reference`` setting
+  decides: ``base`` (default; the run's base model in every stage) or ``stage_start``.
 - Inner training phases of a method (``PlanContext.train_phase``) run DPO on this stage's pairs too, and the
   calibration data a method sees (``PlanContext.train_dataset``) is SFT-tokenized ``prompt -> chosen`` pairs.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
-from ftlab.config import MethodConfig, TrainConfig
+from ftlab.config import ConfigError, MethodConfig, TrainConfig
 from ftlab.data.records import WHERE, DataError
-from ftlab.data.tokenize import sft_dataset
-from ftlab.methods import method_config
-from ftlab.train.sft import TrainResult, prepare_method, run_trainer
+from ftlab.train.reference import check_reference, train_against_reference
+from ftlab.train.sft import TrainResult
+from ftlab.train.stage import StageJob
 from ftlab.train.trainer_args import base_trainer_kwargs
 
 
@@ -39,10 +38,12 @@ class DPOSettings:
     label_smoothing: float = 0.0  # conservative DPO / robust DPO flip probability
     max_length: int | None = 512  # tokens of prompt + response; longer pairs are truncated (keep start)
     precompute_ref_log_probs: bool = False  # score the reference once up front, then drop it from memory
+    reference: str = "base"  # in `ftlab run`: base (the run's base model) or stage_start (the model before this stage)
 
     def __post_init__(self) -> None:
+        check_reference(self.reference, "dpo")
         if self.beta <= 0:
-            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
 
 
 def dpo_dataset(records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> Dataset:
@@ -91,13 +92,6 @@ def dpo_config(train: TrainConfig, dpo: DPOSettings, work_dir: str | Path, **ove
     return DPOConfig(**kwargs)
 
 
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
-
-
 def train_dpo(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -130,29 +124,30 @@ def train_dpo(
         A TrainResult; call ``final_model()`` for the plain trained model.
     """
     dpo = dpo or DPOSettings()
-    work_dir = Path(work_dir)
     set_seed(train.seed)
     dataset = dpo_dataset(records, tokenizer)
-    method_config(method.name, method.params)  # a bad setting fails before the reference is copied
-    # Copied before planning: a method's plan may already train the model (inner phases).
-    ref = ref_model if ref_model is not None else _frozen_copy(model)
 
-    def phase(inner: nn.Module, _dataset: Any, max_steps: int) -> None:
-        args = dpo_config(train, dpo, work_dir / "phase", max_steps=max_steps, save_strategy="no")
-        DPOTrainer(model=inner, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    def make_trainer(policy: nn.Module, ref: nn.Module | None, folder: Path, overrides: dict, opt: Any, cbs: list):
+        return DPOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=dpo_config(train, dpo, folder, **overrides),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            optimizers=(opt, None),
+            callbacks=cbs,
+        )
 
-    calib = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records]
-    calib_ds = sft_dataset(calib, "completion", tokenizer, truncate=True)
-    plan, target, handles, optimizer = prepare_method(model, tokenizer, method, train, stage, calib_ds, phase)
-    if ref_model is None and is_peft_model(target):
-        ref = None  # TRL then scores the reference with the adapters switched off: the same model, no copy
-    trainer = DPOTrainer(
-        model=target,
-        ref_model=ref,
-        args=dpo_config(train, dpo, work_dir),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        optimizers=(optimizer, None),
-        callbacks=[*plan.callbacks, *(callbacks or [])],
-    )
-    return run_trainer(trainer, model, target, plan, handles, work_dir, resume)
+    return train_against_reference(
+        model, tokenizer, records, method, train, Path(work_dir), stage, make_trainer,
+        answer_of=lambda r: r["chosen"], ref_model=ref_model, callbacks=callbacks, resume=resume,
+    )  # fmt: skip
+
+
+def train_stage(job: StageJob) -> TrainResult:
+    """``ftlab run``'s DPO stage, anchored to the reference its ``reference`` setting names."""
+    settings = job.settings or DPOSettings()
+    return train_dpo(
+        job.model, job.tokenizer, job.records, job.method, job.train, job.work_dir, dpo=settings, stage=job.stage,
+        ref_model=job.reference(settings.reference), resume=job.resume,
+    )  # fmt: skip

@@ -9,10 +9,11 @@ Paper settings (docs/methods.md, "GRPO"; Lai et al., "Reinforcement Fine-Tuning 
 Continual Post-Training", arXiv 2507.05386) and where we differ:
 
 - KL: ``beta`` defaults to **0.01**, the RFT paper's ``kl_coef`` (TRL's default is 0, no KL). TRL's KL term is the
-  same k3 estimator ``exp(ref - logp) - (ref - logp) - 1``. The reference is the model *as it was when this stage
-  started* (a frozen copy; for PEFT methods the adapters are switched off instead); pass ``ref_model`` to use another
-  one, e.g. the original base model for the paper's apparent "one reference for all tasks" (unconfirmed which
-  reference the main results use).
+  same k3 estimator ``exp(ref - logp) - (ref - logp) - 1``. Called directly, the reference is the model *as it was
+  when this stage started* (a frozen copy; for PEFT methods the adapters are switched off instead) unless
+  ``ref_model`` is given. In ``ftlab run`` the ``reference`` setting decides: ``base`` (default) anchors every stage
+  to the run's base model, as the RFT-forgetting paper's continual runs do (one reference for all tasks);
+  ``stage_start`` anchors each stage to the model it starts from.
 - Rollouts: ``num_generations`` 4 and ``max_completion_length`` 16 are small-model defaults; the paper uses 8
   rollouts, temperature 1.0, top_p 0.99, 1024 tokens.
 - Batches: ``train.batch_size`` counts *completions* per device step (TRL's convention), so a step sees
@@ -27,26 +28,24 @@ Continual Post-Training", arXiv 2507.05386) and where we differ:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
-from ftlab.config import MethodConfig, TrainConfig
-from ftlab.data.records import WHERE, DataError
-from ftlab.data.tokenize import sft_dataset
-from ftlab.methods import method_config
+from ftlab.config import ConfigError, MethodConfig, TrainConfig
+from ftlab.data.records import WHERE, DataError, first_answer
+from ftlab.train.reference import check_reference, train_against_reference
 from ftlab.train.rewards import REWARDS, format_reward, get_reward, score
-from ftlab.train.sft import TrainResult, prepare_method, run_trainer
+from ftlab.train.sft import TrainResult
+from ftlab.train.stage import StageJob
 from ftlab.train.trainer_args import base_trainer_kwargs
 
 RolloutFn = Callable[[list[Any], int], list[list[str]]]  # (prompts, n) -> n completions per prompt
@@ -68,16 +67,18 @@ class GRPOSettings:
     rif_threshold: float = 1.0  # a rollout is correct when its accuracy reward >= this
     rif_keep_all_correct: bool = True  # keep prompts solved in every rollout (released script keeps them)
     rif_batch_size: int = 16  # prompts per generation batch in the filter
+    reference: str = "base"  # KL anchor in `ftlab run`: base (the run's base model) or stage_start
 
     def __post_init__(self) -> None:
+        check_reference(self.reference, "grpo")
         if self.num_generations < 2:
-            raise ValueError(f"grpo.num_generations must be >= 2 (group advantages), got {self.num_generations}")
+            raise ConfigError(f"grpo.num_generations must be >= 2 (group advantages), got {self.num_generations}")
         if self.beta < 0:
-            raise ValueError(f"grpo.beta must be >= 0, got {self.beta}")
+            raise ConfigError(f"grpo.beta must be >= 0, got {self.beta}")
         if not 0.0 <= self.format_weight <= 1.0:
-            raise ValueError(f"grpo.format_weight must be in [0, 1], got {self.format_weight}")
+            raise ConfigError(f"grpo.format_weight must be in [0, 1], got {self.format_weight}")
         if self.rif_rollouts < 1:
-            raise ValueError(f"grpo.rif_rollouts must be >= 1, got {self.rif_rollouts}")
+            raise ConfigError(f"grpo.rif_rollouts must be >= 1, got {self.rif_rollouts}")
 
 
 def prompt_of(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None) -> Any:
@@ -282,13 +283,6 @@ def _trainer(
     return trainer
 
 
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
-
-
 def train_grpo(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -325,7 +319,7 @@ def train_grpo(
     grpo = grpo or GRPOSettings()
     work_dir = Path(work_dir)
     set_seed(train.seed)
-    args = grpo_config(train, grpo, work_dir)
+    grpo_config(train, grpo, work_dir)  # a batch shape GRPO cannot use fails before any sampling
     rif_info = None
     if grpo.rif_filter:
         sampler = rollout_fn or sample_rollouts(model, tokenizer, grpo, seed=train.seed)
@@ -333,25 +327,22 @@ def train_grpo(
         if not records:
             raise DataError(f"RIF filter dropped every prompt (0/{grpo.rif_rollouts} correct); nothing to train on")
     dataset = grpo_dataset(records, tokenizer, grpo)
-    method_config(method.name, method.params)  # a bad setting fails before the reference is copied
-    # Copied before planning: a method's plan may already train the model (inner phases).
-    ref = ref_model if ref_model is not None or not grpo.beta else _frozen_copy(model)
 
-    def phase(inner: nn.Module, _dataset: Any, max_steps: int) -> None:
-        phase_args = grpo_config(train, grpo, work_dir / "phase", max_steps=max_steps, save_strategy="no")
-        _trainer(inner, ref, tokenizer, dataset, phase_args, grpo).train()
+    def make_trainer(policy: nn.Module, ref: nn.Module | None, folder: Path, overrides: dict, opt: Any, cbs: list):
+        return _trainer(policy, ref, tokenizer, dataset, grpo_config(train, grpo, folder, **overrides), grpo, opt, cbs)
 
-    calib = [{"prompt": r["prompt"], "completion": _first(r["answer"])} for r in records]
-    calib_ds = sft_dataset(calib, "completion", tokenizer, truncate=True)
-    plan, target, handles, optimizer = prepare_method(model, tokenizer, method, train, stage, calib_ds, phase)
-    if ref_model is None and is_peft_model(target):
-        ref = None  # TRL then computes the reference with the adapters switched off: the same model, no copy
-    trainer = _trainer(target, ref, tokenizer, dataset, args, grpo, optimizer, [*plan.callbacks, *(callbacks or [])])
-    info = dict(plan.info)
-    if rif_info is not None:
-        info["rif"] = rif_info
-    return run_trainer(trainer, model, target, plan, handles, work_dir, resume, info)
+    return train_against_reference(
+        model, tokenizer, records, method, train, work_dir, stage, make_trainer,
+        answer_of=lambda r: first_answer(r["answer"]), ref_model=ref_model, needs_reference=bool(grpo.beta),
+        callbacks=callbacks, resume=resume,
+        info={} if rif_info is None else {"rif": rif_info},
+    )  # fmt: skip
 
 
-def _first(answer: str | list[str]) -> str:
-    return answer if isinstance(answer, str) else answer[0]
+def train_stage(job: StageJob) -> TrainResult:
+    """``ftlab run``'s GRPO stage, its KL term anchored to the reference its ``reference`` setting names."""
+    settings = job.settings or GRPOSettings()
+    return train_grpo(
+        job.model, job.tokenizer, job.records, job.method, job.train, job.work_dir, grpo=settings, stage=job.stage,
+        ref_model=job.reference(settings.reference), resume=job.resume,
+    )  # fmt: skip

@@ -21,7 +21,10 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from ftlab.config import MethodConfig, TrainConfig
+from ftlab.data.records import first_answer
+from ftlab.data.tokenize import sft_dataset
 from ftlab.methods import PlanContext, apply_plan, get_method, method_config, optimizer_state_bytes, trainable_count
+from ftlab.train.stage import StageJob
 from ftlab.train.trainer_args import base_trainer_kwargs
 
 
@@ -219,3 +222,23 @@ def latest_checkpoint(work_dir: str | Path) -> str | None:
             continue
         return str(path)
     return None
+
+
+def train_stage(job: StageJob) -> TrainResult:
+    """``ftlab run``'s SFT stage: tokenize the records (a verifiable record learns its reference answer), apply
+    Masked Thought when the arm asks for it, and train."""
+    from ftlab.data.masked_thought import MaskedThoughtCollator
+
+    records, fmt = job.records, job.fmt
+    if fmt == "verifiable":
+        records = [{**r, "completion": first_answer(r["answer"])} for r in records]
+        fmt = "completion"
+    dataset = sft_dataset(records, fmt, job.tokenizer, job.max_length)
+    collator, callbacks = None, []
+    if job.masked_thought is not None:
+        collator = MaskedThoughtCollator(job.tokenizer, seed=job.seed, **vars(job.masked_thought))
+        callbacks = [collator.callback()]
+    return train_sft(
+        job.model, job.tokenizer, dataset, job.method, job.train, job.work_dir, stage=job.stage,
+        max_length=job.max_length, resume=job.resume, callbacks=callbacks, data_collator=collator,
+    )  # fmt: skip

@@ -8,7 +8,7 @@ sweep on the full fine-tune (delta scaling, LiNeS) shows how much can be won bac
 from __future__ import annotations
 
 from ftlab.config import from_dict
-from ftlab.experiment import ExperimentConfig
+from ftlab.recipes.experiment import ExperimentConfig
 
 # Per-method settings for the demo (16 invented countries, 48 records; 18 steps of batch 8 are three epochs;
 # at 16 steps full fine-tuning learned 0.56 of the capitals, at 18 steps 0.94).

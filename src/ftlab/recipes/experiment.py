@@ -16,25 +16,25 @@ An experiment YAML::
 The base is evaluated once on every suite and reused by every arm. After each stage every arm is evaluated on all
 stages' targets (the accuracy matrix) and the retained suites. A stage's data can mix other sources by weight
 (``mix``) or replay a fixed fraction of them (``replay``, DMT's k); a source is a path, a built-in data set or
-``stage:<name>`` for an earlier stage's data. ``post`` lists repair edits to sweep on the arm's
-final model; each point is scored like an arm, named ``<arm>+<edit>=<value>``. Everything lands in the store; a
-run started again with the same command skips finished stages and resumes a killed one from its last checkpoint.
+``stage:<name>`` for an earlier stage's data. ``post`` lists repair edits to sweep on the arm's final model; each
+point is scored like an arm, named ``<arm>+<edit>=<value>``. Every key is described in docs/config.md.
+
+``validate`` checks everything that can be checked without loading a model, before anything is written: names,
+trainers (``TRAINERS``), each stage's and arm's training settings, trainer ``settings``, ``masked_thought``, each
+repair point's settings against its edit (``ftlab.edits.EDITS``) and the evaluation settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftlab.config import ConfigError, MethodConfig, TrainConfig, from_dict, load_yaml, to_dict
-from ftlab.store import Store
+from ftlab.config import ConfigError, MethodConfig, TrainConfig, from_dict, load_config, to_dict
 
 
 @dataclass
@@ -42,12 +42,12 @@ class StageConfig:
     name: str = ""
     data: str = ""  # training data: a JSONL path or a built-in data set name
     format: str = "auto"
-    trainer: str = "sft"  # sft | grpo | dpo
+    trainer: str = "sft"  # a name in ftlab.recipes.trainers.TRAINERS: sft | grpo | dpo
     targets: list[str] = field(default_factory=list)  # suites that measure what this stage teaches
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this stage
     max_length: int = 512
     limit: int | None = None  # use only the first N training records
-    settings: dict[str, Any] = field(default_factory=dict)  # trainer-specific (GRPO/DPO settings)
+    settings: dict[str, Any] = field(default_factory=dict)  # the stage trainer's settings (GRPO/DPO)
     mix: dict[str, float] = field(default_factory=dict)  # other sources -> weight (this stage's data weighs 1)
     replay: dict[str, float] = field(default_factory=dict)  # source -> fraction of its records added (DMT's k)
 
@@ -59,13 +59,13 @@ class ArmConfig:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this arm (after the stage's)
     post: dict[str, Any] = field(default_factory=dict)  # repair sweep: {scale: [0.5, 0.7], lines: {alpha: [0.3]}}
     masked_thought: dict[str, Any] = field(default_factory=dict)  # SFT input masking: {ratio: 0.2, replace: random}
-    trainer: str = ""  # sft | grpo | dpo, over the stage's trainer (to set SFT against GRPO on the same data)
-    settings: dict[str, Any] = field(default_factory=dict)  # trainer settings, over the stage's
+    trainer: str = ""  # over the stage's trainer (to set SFT against GRPO on the same data)
+    settings: dict[str, Any] = field(default_factory=dict)  # trainer settings, over the stage's (same trainer)
 
 
 @dataclass
 class EvalSettings:
-    limit: int | None = None  # items per suite (None: all)
+    limit: int | None = None  # items per suite (None: all; a suite of several subjects gives each its share)
     limits: dict[str, int] = field(default_factory=dict)  # per-suite item caps, over `limit`
     scorers: dict[str, str] = field(default_factory=dict)  # per-suite scorer, over the suite's default
     max_new_tokens: dict[str, int] = field(default_factory=dict)  # per-suite generation cap, over the suite's
@@ -85,18 +85,10 @@ class ExperimentConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
 
-# The setting a bare list of values sweeps, per edit: `post: {scale: [0.5, 0.7]}` sweeps `factor`.
-SWEEP_PARAM = {"scale": "factor", "lines": "alpha", "reset": "fraction", "tuco": "alpha"}
-
-
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read and validate an experiment YAML (plus dotted overrides)."""
-    from ftlab.config import apply_overrides
-
-    data = load_yaml(path) if path else {}
-    data = apply_overrides(data, overrides or [])
+    """Read an experiment YAML (plus dotted overrides) and validate all of it."""
+    cfg = load_config(ExperimentConfig, path, overrides)
     try:
-        cfg = from_dict(ExperimentConfig, data)
         validate(cfg)
     except ConfigError as err:
         raise ConfigError(f"{path or 'experiment'}: {err}") from None
@@ -104,8 +96,13 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Check names, methods and settings before any work starts."""
+    """Check names, trainers, methods and every nested settings mapping before any work starts.
+
+    Raises:
+        ConfigError: naming the first bad field (``arms[1].settings.beta: ...``).
+    """
     from ftlab.methods import method_config
+    from ftlab.recipes.trainers import TRAINERS
 
     if not cfg.stages:
         raise ConfigError("stages: at least one stage is needed")
@@ -117,24 +114,29 @@ def validate(cfg: ExperimentConfig) -> None:
     for i, stage in enumerate(cfg.stages):
         if not stage.data:
             raise ConfigError(f"stages[{i}].data: no training data")
-        if stage.trainer not in ("sft", "grpo", "dpo"):
-            raise ConfigError(f"stages[{i}].trainer: {stage.trainer!r} is not sft, grpo or dpo")
+        if stage.trainer not in TRAINERS:
+            raise ConfigError(f"stages[{i}].trainer: {stage.trainer!r} is not one of {', '.join(TRAINERS)}")
         stage.name = stage.name or f"stage{i + 1}"
         train_config(cfg, stage, ArmConfig())
+    stage_names = [st.name for st in cfg.stages]
+    for stage in cfg.stages:
+        for ref in [*stage.mix, *stage.replay]:
+            if ref.startswith("stage:") and ref[6:] not in stage_names:
+                raise ConfigError(f"stages.{stage.name}: no stage named {ref[6:]!r} to replay or mix")
     targets, retained = all_suites(cfg)
     for key in ("limits", "scorers", "max_new_tokens"):
         unknown = sorted(set(getattr(cfg.eval, key)) - set(targets + retained))
         if unknown:
             raise ConfigError(f"eval.{key}: {', '.join(unknown)} is not a target or retained suite of this experiment")
     for i, arm in enumerate(cfg.arms):
-        if arm.trainer not in ("", "sft", "grpo", "dpo"):
-            raise ConfigError(f"arms[{i}].trainer: {arm.trainer!r} is not sft, grpo or dpo")
+        where = f"arms[{i}]"
+        if arm.trainer and arm.trainer not in TRAINERS:
+            raise ConfigError(f"{where}.trainer: {arm.trainer!r} is not one of {', '.join(TRAINERS)}")
         method_config(arm.method.name, arm.method.params)
         for stage in cfg.stages:
             train_config(cfg, stage, arm)
-        for edit in arm.post:
-            if edit not in SWEEP_PARAM:
-                raise ConfigError(f"arms[{i}].post.{edit}: unknown repair edit; choose from {', '.join(SWEEP_PARAM)}")
+            trainer_settings(stage, arm, where)
+            masked_thought_settings(stage, arm, where)
         sweep_points(arm)
 
 
@@ -145,18 +147,62 @@ def train_config(cfg: ExperimentConfig, stage: StageConfig, arm: ArmConfig) -> T
     return from_dict(TrainConfig, merged, f"arms.{arm.name or '?'}.train.")
 
 
+def arm_trainer(stage: StageConfig, arm: ArmConfig) -> str:
+    """The objective an arm trains a stage with: the arm's own, else the stage's."""
+    return arm.trainer or stage.trainer
+
+
+def trainer_settings(stage: StageConfig, arm: ArmConfig, where: str = "arms") -> Any:
+    """The trainer settings of one arm in one stage: the stage's (when the arm keeps the stage's trainer), then the
+    arm's, filled into the trainer's registered dataclass (None for a trainer without settings)."""
+    from ftlab.recipes.trainers import TRAINERS
+
+    name = arm_trainer(stage, arm)
+    merged = {**(stage.settings if name == stage.trainer else {}), **arm.settings}
+    spec = TRAINERS[name].settings
+    if spec is None:
+        if merged:
+            raise ConfigError(f"{where}.settings: the {name} trainer takes no settings, got {', '.join(merged)}")
+        return None
+    return from_dict(spec, merged, f"{where}.settings.")
+
+
+def masked_thought_settings(stage: StageConfig, arm: ArmConfig, where: str = "arms") -> Any:
+    """The arm's Masked Thought settings (None when off); only SFT stages take them."""
+    from ftlab.data.masked_thought import MaskedThoughtSettings
+
+    if not arm.masked_thought:
+        return None
+    if arm_trainer(stage, arm) != "sft":
+        raise ConfigError(f"{where}.masked_thought: Masked Thought masks SFT inputs; stage {stage.name!r} is not SFT")
+    return from_dict(MaskedThoughtSettings, arm.masked_thought, f"{where}.masked_thought.")
+
+
 def sweep_points(arm: ArmConfig) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(point_name, edit, settings)`` for each repair point of an arm."""
+    """``(point_name, edit, settings)`` for each repair point of an arm, each checked against its edit.
+
+    A bare list of values sweeps the edit's registered ``sweep`` setting; a mapping of lists sweeps their product.
+    """
+    from ftlab.edits import EDITS
+
+    sweepable = {name: edit for name, edit in EDITS.items() if edit.sweep}
     points = []
     for edit, spec in arm.post.items():
+        where = f"arms.{arm.name}.post.{edit}"
+        if edit not in sweepable:
+            raise ConfigError(f"{where}: not a repair that can be swept; choose from {', '.join(sweepable)}")
         if isinstance(spec, list):
-            spec = {SWEEP_PARAM[edit]: spec}
-        if not isinstance(spec, dict):
-            raise ConfigError(f"arms.{arm.name}.post.{edit}: give a list of values or a mapping of lists")
+            spec = {sweepable[edit].sweep: spec}
+        if not isinstance(spec, dict) or not spec:
+            raise ConfigError(f"{where}: give a list of values or a mapping of lists")
         keys = list(spec)
         grids = [v if isinstance(v, list) else [v] for v in spec.values()]
         for combo in itertools.product(*grids):
-            settings = dict(zip(keys, combo, strict=False))
+            settings = dict(zip(keys, combo, strict=True))
+            try:
+                sweepable[edit].check_settings(edit, settings)
+            except ValueError as err:
+                raise ConfigError(f"{where}: {err}") from None
             label = str(combo[0]) if len(keys) == 1 else ",".join(f"{k}{v}" for k, v in settings.items())
             points.append((f"{arm.name}+{edit}={label}", edit, settings))
     return points
@@ -168,7 +214,8 @@ def run_id_for(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _git_sha() -> str:
+def git_sha() -> str:
+    """The commit of the working directory's repository, or "" outside one."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
         return out.stdout.strip()
@@ -176,7 +223,8 @@ def _git_sha() -> str:
         return ""
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of ftlab and the libraries whose behaviour shapes a run's figures."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
@@ -202,15 +250,3 @@ def arm_dir(out: Path, arm: str) -> Path:
 def stage_model_dir(out: Path, arm: str, stage: int, n_stages: int) -> Path:
     """The final stage's model is ``arms/<arm>/model``; earlier stages keep theirs under ``stage-<t>``."""
     return arm_dir(out, arm) / ("model" if stage == n_stages else f"stage-{stage}")
-
-
-def replace_out(cfg: ExperimentConfig, out: str | None) -> ExperimentConfig:
-    return dataclasses.replace(cfg, out=out) if out else cfg
-
-
-def clean_work(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def open_store(path: str | Path | None) -> Store:
-    return Store(path)

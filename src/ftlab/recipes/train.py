@@ -1,21 +1,21 @@
 """``ftlab train CONFIG``: one config, one model, one method, one output folder.
 
 The output folder appears only when everything worked: the data is validated and tokenized before anything is
-written, training happens in ``<dir>.partial``, and that folder is renamed to ``<dir>`` at the end. It holds
+written, training happens in a temporary folder beside it, and that folder is renamed to ``<dir>`` at the end
+(``ftlab.atomic.replace_dir``). It holds
 ``model/`` (Hugging Face format, safetensors; for LoRA only with ``output.merge_lora``), ``adapter/`` (LoRA only,
 a PEFT adapter), ``config.yaml`` (the resolved config) and ``train_log.json``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ftlab.atomic import replace_dir, write_json
 from ftlab.config import ConfigError, RunConfig, to_dict
 from ftlab.data import load_records, sft_dataset
 from ftlab.data.sources import resolve_train_data
@@ -43,29 +43,24 @@ def run_train(cfg: RunConfig) -> tuple[Path, TrainResult]:
     dataset = sft_dataset(records, fmt, tokenizer, cfg.data.max_length, cfg.data.truncate)
 
     model, tokenizer = load_model(cfg.model)
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    result = train_sft(
-        model, tokenizer, dataset, cfg.method, cfg.train, partial / "work", max_length=cfg.data.max_length
-    )
-    if cfg.method.name == "lora":
-        result.model.save_pretrained(partial / "adapter", safe_serialization=True)
-        tokenizer.save_pretrained(partial / "adapter")
-    if cfg.method.name != "lora" or cfg.output.merge_lora:
-        save_model(result.final_model(), tokenizer, partial / "model")
-    shutil.rmtree(partial / "work", ignore_errors=True)
-    (partial / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    log: dict[str, Any] = {
-        "steps": result.steps,
-        "train_seconds": result.train_seconds,
-        "trainable_params": result.trainable_params,
-        "optimizer_state_bytes": result.optimizer_state_bytes,
-        "plan_info": result.plan_info,
-        "log_history": result.log_history,
-    }
-    (partial / "train_log.json").write_text(json.dumps(log, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    with replace_dir(out) as partial:
+        result = train_sft(
+            model, tokenizer, dataset, cfg.method, cfg.train, partial / "work", max_length=cfg.data.max_length
+        )
+        if cfg.method.name == "lora":
+            result.model.save_pretrained(partial / "adapter", safe_serialization=True)
+            tokenizer.save_pretrained(partial / "adapter")
+        if cfg.method.name != "lora" or cfg.output.merge_lora:
+            save_model(result.final_model(), tokenizer, partial / "model")
+        shutil.rmtree(partial / "work", ignore_errors=True)
+        (partial / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        log: dict[str, Any] = {
+            "steps": result.steps,
+            "train_seconds": result.train_seconds,
+            "trainable_params": result.trainable_params,
+            "optimizer_state_bytes": result.optimizer_state_bytes,
+            "plan_info": result.plan_info,
+            "log_history": result.log_history,
+        }
+        write_json(partial / "train_log.json", log)
     return out, result

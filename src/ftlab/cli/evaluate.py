@@ -5,7 +5,7 @@ Example::
     ftlab eval --model smollm2-135m-instruct --suite world-facts --suite /path/ARC-Easy-Dev.jsonl --limit 200 --json
 
 With ``--json`` the last line of stdout is one JSON object ``{"model", "suites": {name: {"metric", "score", "n",
-"stderr"}}}``; progress bars and notes go to stderr.
+"stderr"}}}``; progress bars and notes go to stderr. ``--model`` also takes a PEFT adapter folder.
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ import json
 
 import typer
 
-from ftlab.models import EMBEDDED_NAME
+from ftlab.cli.common import EMBEDDED, command, console, fail
+
+
+def register(app: typer.Typer) -> None:
+    command(app, "eval")(eval_cmd)
 
 
 def eval_cmd(
@@ -22,12 +26,15 @@ def eval_cmd(
         ..., "--suite", "-s", help="Built-in suite name or a file/folder path (format detected); repeatable."
     ),
     model: str = typer.Option(
-        EMBEDDED_NAME, "--model", "-m", help="Hugging Face id, local folder, or smollm2-135m-instruct."
+        EMBEDDED, "--model", "-m", help="Hugging Face id, local folder, PEFT adapter folder, or smollm2-135m-instruct."
     ),
+    base: str | None = typer.Option(None, "--base", help="Base of an adapter folder (default: its recorded base)."),
     scorer: str | None = typer.Option(
         None, "--scorer", help="Scorer for file suites: contains, exact, numeric (prompt/answer JSONL), choice_norm."
     ),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Score only the first N items of each suite."),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Score N items of each suite (a suite of several subjects gives each its share)."
+    ),
     split: str = typer.Option("test", "--split", help="Split for fictional-capitals: train or test."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per batch."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Override the generation cap."),
@@ -38,22 +45,15 @@ def eval_cmd(
     from ftlab.evals.suites import load_suite
     from ftlab.models import load_model
 
-    try:
-        suites = [load_suite(ref, scorer=scorer, limit=limit, split=split) for ref in suite]
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"Error: {err}", err=True)
-        raise typer.Exit(2) from None
+    suites = [load_suite(ref, scorer=scorer, limit=limit, split=split) for ref in suite]
     names = [s.name for s in suites]
     if len(set(names)) != len(names):
-        typer.echo(f"Error: two suites share a name: {names}", err=True)
-        raise typer.Exit(2)
-    lm, tok = load_model(model)
+        fail(f"two suites share a name: {names}")
+    lm, tok = load_model(model, base=base)
     results = evaluate_many(lm, tok, suites, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=True)
     if json_out:
-        payload = {"model": model, "suites": {name: r.to_dict() for name, r in results.items()}}
-        typer.echo(json.dumps(payload))
+        typer.echo(json.dumps({"model": model, "suites": {name: r.to_dict() for name, r in results.items()}}))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"ftlab eval: {model}")
@@ -61,4 +61,4 @@ def eval_cmd(
         table.add_column(col, justify="left" if col in ("suite", "metric") else "right")
     for name, r in results.items():
         table.add_row(name, r.metric, f"{r.score:.4f}", f"{r.stderr:.4f}", str(r.n))
-    Console().print(table)
+    console().print(table)

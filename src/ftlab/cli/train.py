@@ -1,0 +1,97 @@
+"""``ftlab train``, ``ftlab run`` and ``ftlab demo``: argument parsing and printing over ``ftlab.recipes``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ftlab.cli.common import command
+
+SET_HELP = "Override a key: --set train.lr=1e-4 (repeatable)."
+STORE_OPTION = typer.Option(None, "--store", help="SQLite store (default: $FTLAB_STORE or ~/.local/share).")
+
+
+def register(app: typer.Typer) -> None:
+    command(app)(train)
+    command(app, "run")(run)
+    command(app)(demo)
+
+
+def train(
+    config: Path = typer.Argument(..., help="YAML run config (see examples/)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Fine-tune a model with one method, as a YAML config says; writes the model under output.dir."""
+    from ftlab.config import RunConfig, load_config
+    from ftlab.recipes.train import run_train
+
+    cfg = load_config(RunConfig, config, set_)
+    out, result = run_train(cfg)
+    typer.echo(f"trained {result.steps} steps in {result.train_seconds:.1f}s; {result.trainable_params:,} trainable")
+    typer.echo(f"saved to {out}")
+
+
+def run(
+    experiment: Path = typer.Argument(..., help="Experiment YAML (see examples/)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    out: str | None = typer.Option(None, "--out", help="Output folder (default: the config's `out`)."),
+    store: Path | None = STORE_OPTION,
+) -> None:
+    """Fine-tune one base with several methods (arms) over one or more stages; evaluate, store, summarise."""
+    from ftlab.recipes.experiment import load_experiment
+    from ftlab.recipes.run import process_state, run_experiment
+    from ftlab.store import Store
+
+    cfg = load_experiment(experiment, set_ + ([f"out={out}"] if out else []))
+    summary = run_experiment(cfg, Store(store))
+    if process_state().is_main_process:  # under `accelerate launch` / `torchrun`, print once
+        print_table(summary)
+        typer.echo(f"summary: {Path(cfg.out) / 'summary.json'}")
+
+
+def demo(
+    out: str = typer.Option("out/demo", "--out", help="Output folder."),
+    steps: int = typer.Option(18, "--steps", min=1, help="Optimizer steps per arm (batch 8)."),
+    store: Path | None = STORE_OPTION,
+) -> None:
+    """The embedded SmolLM2-135M-Instruct learns invented capitals with every method; prints a table and a report."""
+    from ftlab.recipes.demo import demo_config
+    from ftlab.recipes.run import run_experiment
+    from ftlab.report import render_report
+    from ftlab.store import Store
+
+    cfg = demo_config(out, steps)
+    st = Store(store)
+    summary = run_experiment(cfg, st)
+    print_table(summary)
+    page = render_report(st, summary["run_id"], Path(out) / "report.html")
+    typer.echo(f"report: {page}")
+    typer.echo(f"summary: {Path(out) / 'summary.json'}")
+
+
+def print_table(summary: dict[str, Any], file: Any = None) -> None:
+    """A rich table of gain and retained ratios per arm (from ``build_summary``), then the repair lines."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ftlab.report.summary import repair_lines
+
+    table = Table(title=f"run {summary['run_id']}: target gain vs retained (1.0 = unchanged)")
+    suites = sorted({s for a in summary["arms"].values() for s in a["retained"]})
+    table.add_column("arm")
+    table.add_column("target gain", justify="right")
+    for s in suites:
+        table.add_column(s, justify="right")
+    table.add_column("train s", justify="right")
+    table.add_column("trainable", justify="right")
+    for name, a in summary["arms"].items():
+        gain = "-" if a["target_gain"] is None else f"{a['target_gain']:+.3f}"
+        cells = [f"{a['retained'][s]:.3f}" if s in a["retained"] else "-" for s in suites]
+        table.add_row(name, gain, *cells, f"{a['train_seconds']:.0f}", f"{a['trainable_params']:,}")
+    out = Console(file=file or sys.stdout, width=200)
+    out.print(table)
+    for line in repair_lines(summary):
+        out.print(line)
