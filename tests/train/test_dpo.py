@@ -9,6 +9,7 @@ from ftlab.config import MethodConfig, TrainConfig
 from ftlab.data.records import DataError
 from ftlab.models import state_dict_fp32, tiny_model, tiny_tokenizer
 from ftlab.train.dpo import DPOSettings, dpo_dataset, train_dpo
+from ftlab.train.stage import StageJob
 
 TRAIN = TrainConfig(lr=1e-2, max_steps=3, batch_size=4, logging_steps=1)
 
@@ -20,7 +21,7 @@ def records(n: int = 8) -> list[dict]:
 def test_full_moves_every_weight_and_prefers_chosen(tmp_path):
     model, tok = tiny_model(), tiny_tokenizer()
     before = state_dict_fp32(model)
-    result = train_dpo(model, tok, records(), MethodConfig("full"), TRAIN, tmp_path)
+    result = train_dpo(StageJob(model, tok, records(), MethodConfig("full"), TRAIN, tmp_path))
     assert result.steps == 3
     assert changed_keys(before, state_dict_fp32(result.final_model())) == set(before)
     logs = [h for h in result.log_history if "rewards/margins" in h]
@@ -32,7 +33,7 @@ def test_full_moves_every_weight_and_prefers_chosen(tmp_path):
 def test_lora_keeps_base_weights_bit_identical(tmp_path):
     model, tok = tiny_model(), tiny_tokenizer()
     before = state_dict_fp32(model)
-    result = train_dpo(model, tok, records(), MethodConfig("lora", {"r": 4}), TRAIN, tmp_path)
+    result = train_dpo(StageJob(model, tok, records(), MethodConfig("lora", {"r": 4}), TRAIN, tmp_path))
     moved = assert_lora_base_bit_identical(before, result)
     assert "model.layers.0.mlp.up_proj.weight" in moved
 
@@ -40,7 +41,9 @@ def test_lora_keeps_base_weights_bit_identical(tmp_path):
 def test_plan_trainable_set_and_grad_masks_hold(tmp_path, toy_method):
     model, tok = tiny_model(), tiny_tokenizer()
     before = state_dict_fp32(model)
-    result = train_dpo(model, tok, records(), MethodConfig(toy_method.name), TRAIN, tmp_path, DPOSettings(beta=0.5))
+    result = train_dpo(
+        StageJob(model, tok, records(), MethodConfig(toy_method.name), TRAIN, tmp_path, DPOSettings(beta=0.5))
+    )
     assert_toy_plan_held(before, state_dict_fp32(result.final_model()), toy_method)
 
 

@@ -10,6 +10,7 @@ from ftlab.data.records import DataError
 from ftlab.models import state_dict_fp32, tiny_model, tiny_tokenizer
 from ftlab.train.grpo import GRPOSettings, grpo_dataset, rif_filter, sample_rollouts, train_grpo
 from ftlab.train.rewards import REWARDS
+from ftlab.train.stage import StageJob
 
 SETTINGS = dict(num_generations=2, max_completion_length=6)
 TRAIN = TrainConfig(lr=1e-2, max_steps=2, batch_size=4, logging_steps=1)
@@ -30,7 +31,9 @@ def records(n: int = 8, reward: str = "digits") -> list[dict]:
 def test_full_moves_every_weight_and_kl_is_against_the_start_model(tmp_path, digits_reward):
     model, tok = tiny_model(), tiny_tokenizer()
     before = state_dict_fp32(model)
-    result = train_grpo(model, tok, records(), MethodConfig("full"), TRAIN, tmp_path, GRPOSettings(**SETTINGS))
+    result = train_grpo(
+        StageJob(model, tok, records(), MethodConfig("full"), TRAIN, tmp_path, GRPOSettings(**SETTINGS))
+    )
     assert result.steps == 2
     assert changed_keys(before, state_dict_fp32(result.final_model())) == set(before)
     logs = [h for h in result.log_history if "kl" in h]
@@ -41,7 +44,7 @@ def test_full_moves_every_weight_and_kl_is_against_the_start_model(tmp_path, dig
 def test_beta_zero_uses_no_reference(tmp_path, digits_reward):
     model, tok = tiny_model(), tiny_tokenizer()
     grpo = GRPOSettings(beta=0.0, **SETTINGS)
-    result = train_grpo(model, tok, records(), MethodConfig("full"), TRAIN, tmp_path, grpo)
+    result = train_grpo(StageJob(model, tok, records(), MethodConfig("full"), TRAIN, tmp_path, grpo))
     assert not any("kl" in h for h in result.log_history)
 
 
@@ -49,7 +52,7 @@ def test_lora_keeps_base_weights_bit_identical(tmp_path, digits_reward):
     model, tok = tiny_model(), tiny_tokenizer()
     before = state_dict_fp32(model)
     lora = MethodConfig("lora", {"r": 4})
-    result = train_grpo(model, tok, records(), lora, TRAIN, tmp_path, GRPOSettings(**SETTINGS))
+    result = train_grpo(StageJob(model, tok, records(), lora, TRAIN, tmp_path, GRPOSettings(**SETTINGS)))
     moved = assert_lora_base_bit_identical(before, result)
     assert "model.layers.0.self_attn.q_proj.weight" in moved
 
@@ -58,7 +61,7 @@ def test_plan_trainable_set_and_grad_masks_hold(tmp_path, digits_reward, toy_met
     model, tok = tiny_model(), tiny_tokenizer()
     before = state_dict_fp32(model)
     method = MethodConfig(toy_method.name)
-    result = train_grpo(model, tok, records(), method, TRAIN, tmp_path, GRPOSettings(**SETTINGS))
+    result = train_grpo(StageJob(model, tok, records(), method, TRAIN, tmp_path, GRPOSettings(**SETTINGS)))
     assert_toy_plan_held(before, state_dict_fp32(result.final_model()), toy_method)
     assert result.plan_info == {"toy": True}
 
@@ -108,7 +111,9 @@ def test_train_grpo_trains_only_on_kept_prompts(tmp_path):
         grpo = GRPOSettings(rif_filter=True, rif_rollouts=2, **SETTINGS)
         rollouts = fake_rollouts(counts, 2)
         result = train_grpo(
-            model, tok, recs, MethodConfig("full"), TRAIN, tmp_path, grpo, rollout_fn=rollouts, callbacks=[ClearSeen()]
+            StageJob(model, tok, recs, MethodConfig("full"), TRAIN, tmp_path, grpo),
+            rollout_fn=rollouts,
+            callbacks=[ClearSeen()],
         )
     finally:
         REWARDS.pop("spy")
@@ -123,7 +128,9 @@ def test_bad_reward_name_and_batch_shape_fail_early(tmp_path):
         grpo_dataset(bad, tok, GRPOSettings())
     with pytest.raises(ValueError, match="num_generations"):
         train_grpo(
-            tiny_model(), tok, records(), MethodConfig("full"), TrainConfig(batch_size=6), tmp_path, GRPOSettings()
+            StageJob(
+                tiny_model(), tok, records(), MethodConfig("full"), TrainConfig(batch_size=6), tmp_path, GRPOSettings()
+            )
         )
 
 

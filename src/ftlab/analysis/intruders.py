@@ -1,11 +1,11 @@
 """Intruder dimensions (Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion of Equivalence", arXiv 2410.21228).
 
 Code: reeceshuttle/intruder-dimensions (``find_intruder_dimensions.py``); docs/methods.md, "Intruder dimensions".
-For every
-2-D weight matrix inside the transformer blocks (the authors' "all_linear": attention and MLP projections), in
-HF Linear layout (out x in): thin SVDs of W0 and W_ft in fp32, C = |U_ftᵀ U0| over the left singular vectors;
-fine-tuned vector j (among the top k by singular value) is an intruder when max_i C[j, i] < ε over all base
-vectors. The score is the count summed over matrices (k = 10, ε = 0.5 as the authors).
+For every 2-D weight matrix inside the transformer blocks (the authors' "all_linear": attention and MLP
+projections), in HF Linear layout (out x in): thin SVDs of W0 and W_ft in fp32, C = |U_ftᵀ U0| over the left
+singular vectors (the output space); fine-tuned vector j (among the top k by singular value) is an intruder when
+max_i C[j, i] < ε over all base vectors. The score is the count summed over matrices (k = 10, ε = 0.5 as the
+authors).
 
 Added beside the count, as a control (a random direction also scores below ε): the intruder energy share,
 Σ σ_j² over intruders / ‖W_ft‖_F², per matrix and pooled over matrices. A LoRA adapter must be merged first

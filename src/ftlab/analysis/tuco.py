@@ -1,9 +1,8 @@
 """Tuning contribution (TuCo) of a fine-tune, per prompt and per block (Nuti et al., ICML 2025, arXiv 2506.23423).
 
 docs/methods.md, "TuCo" (Algorithm 1 of the paper). On the tuned model's forward pass, block l adds PTC_l (the base
-block on the
-same hidden state) and FTC_l (the difference of the two blocks); see ``ftlab.edits.tuco``. For a prompt, with the
-last token's components summed over blocks, I_FTC = Σ_l FTC_l[−1] and I_PTC = Σ_l PTC_l[−1]:
+block on the same hidden state) and FTC_l (the difference of the two blocks); see ``ftlab.edits.tuco``. For a
+prompt, with the last token's components summed over blocks, I_FTC = Σ_l FTC_l[−1] and I_PTC = Σ_l PTC_l[−1]:
     TuCo = ‖I_FTC‖ / (‖I_PTC‖ + ‖I_FTC‖) ∈ [0, 1].
 The per-block figure is the same ratio for block l alone, ‖FTC_l[−1]‖ / (‖PTC_l[−1]‖ + ‖FTC_l[−1]‖).
 

@@ -50,12 +50,12 @@ def _weight_edit(name: str, base: str, tuned: list[str], out: str, **settings: A
 
 @command(app)
 def scale(
-    base: str = BASE,
-    tuned: str = TUNED,
-    out: str = OUT,
     factor: float = typer.Option(
         ..., "--factor", help="θ0 + factor·(θ_ft − θ0): 0 = base, 1 = tuned, >1 extrapolates."
     ),
+    base: str = BASE,
+    tuned: str = TUNED,
+    out: str = OUT,
 ) -> None:
     """Scale the fine-tuning delta in weight space (interpolate or extrapolate between base and tuned)."""
     _weight_edit("scale", base, [tuned], out, factor=factor)
@@ -63,14 +63,14 @@ def scale(
 
 @command(app)
 def lines(
-    base: str = BASE,
-    tuned: str = TUNED,
-    out: str = OUT,
     alpha: float = typer.Option(..., "--alpha", help="Scale of the first block and of non-block keys."),
     beta: float | None = typer.Option(None, "--beta", help="Extra scale reached at the last block (default 1 − α)."),
     non_block_scale: float | None = typer.Option(
         None, "--non-block-scale", help="Scale of embeddings, final norm, head (default α)."
     ),
+    base: str = BASE,
+    tuned: str = TUNED,
+    out: str = OUT,
 ) -> None:
     """LiNeS: scale the delta of block ℓ by α + β·ℓ/(L−1), shallow blocks nearest the base."""
     _weight_edit("lines", base, [tuned], out, alpha=alpha, beta=beta, non_block_scale=non_block_scale)
@@ -103,13 +103,13 @@ def merge(
 
 @command(app)
 def reset(
-    base: str = BASE,
-    tuned: str = TUNED,
-    out: str = OUT,
     fraction: float = typer.Option(..., "--fraction", help="Share of parameters copied back from the base."),
     how: str = typer.Option("random", "--how", help="random, smallest (smallest change first) or layers."),
     seed: int = typer.Option(0, "--seed", help="Seed for --how random."),
     order: str = typer.Option("bottom", "--order", help="For --how layers: from the input (bottom) or output (top)."),
+    base: str = BASE,
+    tuned: str = TUNED,
+    out: str = OUT,
 ) -> None:
     """Reset a fraction of the parameters to their base values."""
     _weight_edit("reset", base, [tuned], out, fraction=fraction, how=how, seed=seed, order=order)
@@ -117,10 +117,10 @@ def reset(
 
 @command(app, "half-reset")
 def half_reset(
+    seed: int = typer.Option(0, "--seed", help="Seed of the choice of modules."),
     base: str = BASE,
     tuned: str = TUNED,
     out: str = OUT,
-    seed: int = typer.Option(0, "--seed", help="Seed of the choice of modules."),
 ) -> None:
     """HFT-style half-reset: per block, copy half of the attention, MLP and norm modules back from the base."""
     _weight_edit("half_reset", base, [tuned], out, seed=seed)
@@ -128,9 +128,6 @@ def half_reset(
 
 @command(app)
 def graft(
-    base: str = BASE,
-    tuned: str = TUNED,
-    out: str = OUT,
     data: Path = typer.Option(..., "--data", help='JSONL of {"prompt", "completion"} records.'),
     dev: Path | None = typer.Option(None, "--dev", help="Optional JSONL used only to pick the best epoch."),
     sparsity: float = typer.Option(1e-4, "--sparsity", help="Fraction of the searched entries grafted."),
@@ -138,6 +135,9 @@ def graft(
     epochs: int = typer.Option(10, "--epochs", help="Mask-update steps (0 = the base patch alone)."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate of the mask logits (default: automatic)."),
     limit: int | None = typer.Option(64, "--limit", help="Use the first N records."),
+    base: str = BASE,
+    tuned: str = TUNED,
+    out: str = OUT,
     as_json: bool = JSON,
 ) -> None:
     """Skill localization: learn a sparse mask of fine-tuned values to graft onto the base; saves mask and model."""

@@ -13,8 +13,7 @@ The loss is the completion-token cross-entropy of ``{"prompt", "completion"}`` r
 Differences from the authors' code, and why:
 - only the 2-D weight matrices inside the transformer blocks are searched (``include`` narrows further), for
   speed and memory (docs/methods.md, "Grafting": for LLMs the search is restricted to a subset of parameters);
-  the authors fix only
-  embeddings and head and also search norms and biases;
+  the authors fix only embeddings and head and also search norms and biases;
 - the score is the completion loss (lower is better) on the records plus optional dev records, not accuracy;
 - the learning rate of S defaults to an automatic scale (set at the first step so that about a mask's worth of
   entries can flip), because the authors' fixed lr 1e7 is tied to their models' gradient size;

@@ -55,27 +55,17 @@ def layer_scales(
     return out
 
 
-def scale_delta(
-    delta: StateDict,
-    alpha: float,
-    beta: float | None = None,
-    n_layers: int | None = None,
-    non_block_scale: float | None = None,
-) -> StateDict:
+def scale_delta(delta: StateDict, scales: dict[str, float]) -> StateDict:
     """Apply LiNeS to a task vector (e.g. a merged one): ``τ'_key = λ(key)·τ_key``.
 
     Args:
         delta: task vector, fp32.
-        alpha: see ``layer_scales``.
-        beta: see ``layer_scales``.
-        n_layers: see ``layer_scales``.
-        non_block_scale: see ``layer_scales``.
+        scales: ``{key: λ}`` from ``layer_scales``.
 
     Returns:
-        The scaled task vector.
+        The scaled task vector (non-float entries copied unchanged).
     """
-    lam = layer_scales(list(delta), alpha, beta, n_layers, non_block_scale)
-    return {k: v * lam[k] if v.is_floating_point() else v.clone() for k, v in delta.items()}
+    return {k: v * scales[k] if v.is_floating_point() else v.clone() for k, v in delta.items()}
 
 
 def apply(

@@ -75,7 +75,7 @@ def merge(
             total = sum(float(_delta_sum(base_sd, tuned_sds, k).abs().sum()) for k in base_sd if _float(base_sd[k]))
             mtl = sum(float(v.abs().sum()) for k, v in merged.items() if _float(base_sd[k]))
             lines_alpha = (total / mtl) / T if mtl > 0 else 1.0 / T
-        merged = lines.scale_delta(merged, lines_alpha, lines_beta, n_layers)
+        merged = lines.scale_delta(merged, lines.layer_scales(list(merged), lines_alpha, lines_beta, n_layers))
         coef = 1.0
     return {k: base_sd[k] + coef * merged[k] if _float(base_sd[k]) else tuned_sds[0][k].clone() for k in base_sd}
 

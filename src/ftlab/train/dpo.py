@@ -23,12 +23,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
-from ftlab.config import ConfigError, MethodConfig, TrainConfig
+from ftlab.config import ConfigError, TrainConfig
 from ftlab.data.records import WHERE, DataError
 from ftlab.train.reference import check_reference, train_against_reference
 from ftlab.train.sft import TrainResult
 from ftlab.train.stage import StageJob
-from ftlab.train.trainer_args import base_trainer_kwargs
+from ftlab.train.trainer_args import base_trainer_kwargs, trainer_inputs
 
 
 @dataclass
@@ -93,61 +93,32 @@ def dpo_config(train: TrainConfig, dpo: DPOSettings, work_dir: str | Path, **ove
 
 
 def train_dpo(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    records: list[dict[str, Any]],
-    method: MethodConfig,
-    train: TrainConfig,
-    work_dir: str | Path,
-    dpo: DPOSettings | None = None,
-    stage: int = 0,
-    ref_model: nn.Module | None = None,
-    callbacks: list[TrainerCallback] | None = None,
-    resume: bool = False,
+    job: StageJob, ref_model: nn.Module | None = None, callbacks: list[TrainerCallback] | None = None
 ) -> TrainResult:
-    """Fine-tune ``model`` with DPO on ``preference`` records, with the named method deciding what trains.
+    """Fine-tune ``job.model`` with DPO on ``preference`` records, with the job's method deciding what trains.
 
     Args:
-        model: the policy (modified in place for non-PEFT methods).
-        tokenizer: its tokenizer.
-        records: ``preference`` records.
-        method: method name and params.
-        train: optimizer and schedule settings (``batch_size`` counts pairs).
-        work_dir: folder for trainer checkpoints.
-        dpo: DPO settings (default ``DPOSettings()``).
-        stage: index of the stage in a continual run.
+        job: the policy (modified in place for non-PEFT methods), its tokenizer, the ``preference`` records, the
+            method, training settings (``batch_size`` counts pairs), checkpoint folder, ``DPOSettings`` (default
+            ``DPOSettings()``), stage index and resume flag.
         ref_model: the reference policy; None uses the model as it is now (before training).
         callbacks: extra trainer callbacks.
-        resume: continue from the newest checkpoint in ``work_dir`` when there is one.
 
     Returns:
         A TrainResult; call ``final_model()`` for the plain trained model.
     """
-    dpo = dpo or DPOSettings()
+    dpo = job.settings or DPOSettings()
+    train, tokenizer = job.train, job.tokenizer
     set_seed(train.seed)
-    dataset = dpo_dataset(records, tokenizer)
+    dataset = dpo_dataset(job.records, tokenizer)
 
     def make_trainer(policy: nn.Module, ref: nn.Module | None, folder: Path, overrides: dict, opt: Any, cbs: list):
-        return DPOTrainer(
-            model=policy,
-            ref_model=ref,
-            args=dpo_config(train, dpo, folder, **overrides),
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            optimizers=(opt, None),
-            callbacks=cbs,
-        )
+        args = dpo_config(train, dpo, folder, **overrides)
+        return DPOTrainer(model=policy, ref_model=ref, args=args, **trainer_inputs(dataset, tokenizer, opt, cbs))
 
-    return train_against_reference(
-        model, tokenizer, records, method, train, Path(work_dir), stage, make_trainer,
-        answer_of=lambda r: r["chosen"], ref_model=ref_model, callbacks=callbacks, resume=resume,
-    )  # fmt: skip
+    return train_against_reference(job, make_trainer, lambda r: r["chosen"], ref_model=ref_model, callbacks=callbacks)
 
 
 def train_stage(job: StageJob) -> TrainResult:
     """``ftlab run``'s DPO stage, anchored to the reference its ``reference`` setting names."""
-    settings = job.settings or DPOSettings()
-    return train_dpo(
-        job.model, job.tokenizer, job.records, job.method, job.train, job.work_dir, dpo=settings, stage=job.stage,
-        ref_model=job.reference(settings.reference), resume=job.resume,
-    )  # fmt: skip
+    return train_dpo(job, ref_model=job.reference((job.settings or DPOSettings()).reference))

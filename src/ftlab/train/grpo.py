@@ -28,6 +28,7 @@ Continual Post-Training", arXiv 2507.05386) and where we differ:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,13 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
-from ftlab.config import ConfigError, MethodConfig, TrainConfig
+from ftlab.config import ConfigError, TrainConfig
 from ftlab.data.records import WHERE, DataError, first_answer
 from ftlab.train.reference import check_reference, train_against_reference
 from ftlab.train.rewards import REWARDS, format_reward, get_reward, score
 from ftlab.train.sft import TrainResult
 from ftlab.train.stage import StageJob
-from ftlab.train.trainer_args import base_trainer_kwargs
+from ftlab.train.trainer_args import base_trainer_kwargs, trainer_inputs
 
 RolloutFn = Callable[[list[Any], int], list[list[str]]]  # (prompts, n) -> n completions per prompt
 
@@ -263,15 +264,8 @@ def _trainer(
 ) -> GRPOTrainer:
     """A GRPOTrainer whose KL reference is ``ref`` (None for a PEFT model: adapters off), weight ``grpo.beta``."""
     funcs, _ = _reward_funcs(grpo)
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=funcs,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        optimizers=(optimizer, None),
-        callbacks=callbacks,
-    )
+    inputs = trainer_inputs(dataset, tokenizer, optimizer, callbacks)
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, **inputs)
     if not (hasattr(trainer, "beta") and hasattr(trainer, "ref_model")):
         raise RuntimeError("this TRL version's GRPOTrainer has no beta/ref_model attributes; ftlab needs TRL 1.x")
     # TRL builds its reference from the model's hub id (none for a model built in code, and the wrong weights after
@@ -284,40 +278,27 @@ def _trainer(
 
 
 def train_grpo(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    records: list[dict[str, Any]],
-    method: MethodConfig,
-    train: TrainConfig,
-    work_dir: str | Path,
-    grpo: GRPOSettings | None = None,
-    stage: int = 0,
+    job: StageJob,
     ref_model: nn.Module | None = None,
     rollout_fn: RolloutFn | None = None,
     callbacks: list[TrainerCallback] | None = None,
-    resume: bool = False,
 ) -> TrainResult:
-    """Reinforcement fine-tuning with GRPO on ``verifiable`` records, with the named method deciding what trains.
+    """Reinforcement fine-tuning with GRPO on ``verifiable`` records, with the job's method deciding what trains.
 
     Args:
-        model: the policy (modified in place for non-PEFT methods).
-        tokenizer: its tokenizer.
-        records: ``verifiable`` records (``prompt``, ``answer``, optional ``reward`` name).
-        method: method name and params.
-        train: optimizer and schedule settings (``batch_size`` counts completions, see the module docstring).
-        work_dir: folder for trainer checkpoints.
-        grpo: GRPO settings (default ``GRPOSettings()``).
-        stage: index of the stage in a continual run.
+        job: the policy (modified in place for non-PEFT methods), its tokenizer, the ``verifiable`` records
+            (``prompt``, ``answer``, optional ``reward`` name), the method, training settings (``batch_size``
+            counts completions, see the module docstring), checkpoint folder, ``GRPOSettings`` (default
+            ``GRPOSettings()``), stage index and resume flag.
         ref_model: KL reference; None uses the model as it is now (before training).
-        rollout_fn: sampler for the RIF filter; None samples from ``model``.
+        rollout_fn: sampler for the RIF filter; None samples from the model.
         callbacks: extra trainer callbacks.
-        resume: continue from the newest checkpoint in ``work_dir`` when there is one.
 
     Returns:
         A TrainResult; ``plan_info["rif"]`` holds the filter's counts when it ran.
     """
-    grpo = grpo or GRPOSettings()
-    work_dir = Path(work_dir)
+    grpo = job.settings or GRPOSettings()
+    model, tokenizer, records, train, work_dir = job.model, job.tokenizer, job.records, job.train, Path(job.work_dir)
     set_seed(train.seed)
     grpo_config(train, grpo, work_dir)  # a batch shape GRPO cannot use fails before any sampling
     rif_info = None
@@ -331,18 +312,13 @@ def train_grpo(
     def make_trainer(policy: nn.Module, ref: nn.Module | None, folder: Path, overrides: dict, opt: Any, cbs: list):
         return _trainer(policy, ref, tokenizer, dataset, grpo_config(train, grpo, folder, **overrides), grpo, opt, cbs)
 
+    job = dataclasses.replace(job, records=records)  # after the RIF filter
     return train_against_reference(
-        model, tokenizer, records, method, train, work_dir, stage, make_trainer,
-        answer_of=lambda r: first_answer(r["answer"]), ref_model=ref_model, needs_reference=bool(grpo.beta),
-        callbacks=callbacks, resume=resume,
-        info={} if rif_info is None else {"rif": rif_info},
+        job, make_trainer, lambda r: first_answer(r["answer"]), ref_model=ref_model, needs_reference=bool(grpo.beta),
+        callbacks=callbacks, info={} if rif_info is None else {"rif": rif_info},
     )  # fmt: skip
 
 
 def train_stage(job: StageJob) -> TrainResult:
     """``ftlab run``'s GRPO stage, its KL term anchored to the reference its ``reference`` setting names."""
-    settings = job.settings or GRPOSettings()
-    return train_grpo(
-        job.model, job.tokenizer, job.records, job.method, job.train, job.work_dir, grpo=settings, stage=job.stage,
-        ref_model=job.reference(settings.reference), resume=job.resume,
-    )  # fmt: skip
+    return train_grpo(job, ref_model=job.reference((job.settings or GRPOSettings()).reference))

@@ -25,12 +25,13 @@ from typing import Any
 
 from accelerate.utils import is_peft_model
 from torch import nn
-from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers import TrainerCallback
 
-from ftlab.config import ConfigError, MethodConfig, TrainConfig
+from ftlab.config import ConfigError
 from ftlab.data.tokenize import sft_dataset
 from ftlab.methods import method_config
 from ftlab.train.sft import TrainResult, prepare_method, run_trainer
+from ftlab.train.stage import StageJob
 
 REFERENCES = ("base", "stage_start")
 
@@ -53,54 +54,43 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def train_against_reference(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    records: list[dict[str, Any]],
-    method: MethodConfig,
-    train: TrainConfig,
-    work_dir: Path,
-    stage: int,
+    job: StageJob,
     make_trainer: MakeTrainer,
     answer_of: Callable[[dict[str, Any]], str],
     ref_model: nn.Module | None = None,
     needs_reference: bool = True,
     callbacks: list[TrainerCallback] | None = None,
-    resume: bool = False,
     info: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train ``model`` with a reference-based objective (see the module docstring for the steps).
+    """Train ``job.model`` with a reference-based objective (see the module docstring for the steps).
 
     Args:
-        model: the policy (modified in place for non-PEFT methods).
-        tokenizer: its tokenizer.
-        records: the stage's records (each has a ``prompt``).
-        method: method name and params.
-        train: optimizer and schedule settings.
-        work_dir: folder for trainer checkpoints.
-        stage: index of the stage in a continual run.
+        job: the model, tokenizer, records, method, training settings, work folder, stage index and resume flag.
         make_trainer: builds the objective's TRL trainer.
         answer_of: the reference answer of a record, for the method's calibration set.
-        ref_model: the reference; None freezes a copy of ``model`` as it is now.
+        ref_model: the reference; None freezes a copy of ``job.model`` as it is now.
         needs_reference: False when the objective runs without a reference (GRPO with ``beta`` 0).
         callbacks: extra trainer callbacks.
-        resume: continue from the newest complete checkpoint in ``work_dir``.
-        info: facts to store with the result (default: the plan's info).
+        info: facts to store with the result, beside the plan's own.
 
     Returns:
         The TrainResult.
     """
-    method_config(method.name, method.params)  # a bad setting fails before the reference is copied
+    model, tokenizer, work_dir = job.model, job.tokenizer, Path(job.work_dir)
+    method_config(job.method.name, job.method.params)  # a bad setting fails before the reference is copied
     ref = ref_model if ref_model is not None or not needs_reference else frozen_copy(model)
 
     def phase(inner: nn.Module, _dataset: Any, max_steps: int) -> None:
         overrides = {"max_steps": max_steps, "save_strategy": "no"}
         make_trainer(inner, ref, work_dir / "phase", overrides, None, []).train()
 
-    calib = [{"prompt": r["prompt"], "completion": answer_of(r)} for r in records]
+    calib = [{"prompt": r["prompt"], "completion": answer_of(r)} for r in job.records]
     calib_ds = sft_dataset(calib, "completion", tokenizer, truncate=True)
-    plan, target, handles, optimizer = prepare_method(model, tokenizer, method, train, stage, calib_ds, phase)
+    plan, target, handles, optimizer = prepare_method(
+        model, tokenizer, job.method, job.train, job.stage, calib_ds, phase
+    )
     if ref_model is None and is_peft_model(target):
         ref = None  # TRL then scores the reference with the adapters switched off: the same model, no copy
     trainer = make_trainer(target, ref, work_dir, {}, optimizer, [*plan.callbacks, *(callbacks or [])])
     merged = None if info is None else {**plan.info, **info}
-    return run_trainer(trainer, model, target, plan, handles, work_dir, resume, merged)
+    return run_trainer(trainer, model, target, plan, handles, work_dir, job.resume, merged)

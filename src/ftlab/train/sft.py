@@ -25,7 +25,7 @@ from ftlab.data.records import first_answer
 from ftlab.data.tokenize import sft_dataset
 from ftlab.methods import PlanContext, apply_plan, get_method, method_config, optimizer_state_bytes, trainable_count
 from ftlab.train.stage import StageJob
-from ftlab.train.trainer_args import base_trainer_kwargs
+from ftlab.train.trainer_args import base_trainer_kwargs, trainer_inputs
 
 
 @dataclass
@@ -151,15 +151,8 @@ def train_sft(
     phase = _train_phase(train, work_dir, tokenizer, max_length)
     plan, target, handles, optimizer = prepare_method(model, tokenizer, method, train, stage, dataset, phase)
     args = sft_config(train, work_dir, max_length)
-    trainer = SFTTrainer(
-        model=target,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        optimizers=(optimizer, None),
-        data_collator=data_collator,
-        callbacks=[*plan.callbacks, *(callbacks or [])],
-    )
+    inputs = trainer_inputs(dataset, tokenizer, optimizer, [*plan.callbacks, *(callbacks or [])])
+    trainer = SFTTrainer(model=target, args=args, data_collator=data_collator, **inputs)
     return run_trainer(trainer, model, target, plan, handles, work_dir, resume)
 
 

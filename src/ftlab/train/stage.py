@@ -26,12 +26,12 @@ class StageJob:
         model: the model as the stage starts (trained in place for non-PEFT methods).
         tokenizer: its tokenizer.
         records: the stage's records after mixing and replay.
-        fmt: their format (``chat``, ``completion``, ``preference`` or ``verifiable``).
         method: the arm's method.
         train: optimizer and schedule settings.
         work_dir: folder for the trainer's checkpoints.
+        settings: the objective's settings (an instance of its registered settings dataclass; None: defaults).
         stage: 0-based index of the stage in the run.
-        settings: the objective's settings (an instance of its registered settings dataclass, or None).
+        fmt: the records' format (``chat``, ``completion``, ``preference`` or ``verifiable``).
         max_length: token cap of a tokenized record.
         masked_thought: Masked Thought settings for SFT (None: off).
         resume: continue from the newest complete checkpoint in ``work_dir``.
@@ -42,12 +42,12 @@ class StageJob:
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     records: list[dict[str, Any]]
-    fmt: str
     method: MethodConfig
     train: TrainConfig
     work_dir: Path
-    stage: int = 0
     settings: Any = None
+    stage: int = 0
+    fmt: str = ""
     max_length: int = 512
     masked_thought: Any = None
     resume: bool = False

@@ -23,6 +23,13 @@ def cpu_process_group() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def trainer_inputs(dataset: Any, tokenizer: Any, optimizer: Any, callbacks: list[Any] | None) -> dict[str, Any]:
+    """The keywords every TRL trainer takes besides its model and config: data, tokenizer, optimizer, callbacks."""
+    return dict(
+        train_dataset=dataset, processing_class=tokenizer, optimizers=(optimizer, None), callbacks=callbacks or []
+    )
+
+
 def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path) -> dict[str, Any]:
     """``TrainingArguments`` keywords from our TrainConfig (CPU-friendly: no workers, no reporting).
 
