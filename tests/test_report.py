@@ -136,7 +136,7 @@ def test_forgetting_figures_and_front(report):
     by_arm = {p.arm: p for p in s.points}
     assert by_arm["full"].gain == pytest.approx(0.55)  # mean(0.5 - 0.2, 0.9 - 0.1)
     assert by_arm["full"].retained == pytest.approx({"r1": 0.5, "ppl": 10 / 15})  # perplexity: before / after
-    assert by_arm["lora"].retained_mean == pytest.approx((0.95 + 10 / 10.5) / 2)
+    assert by_arm["lora"].retention == pytest.approx((0.95 + 10 / 10.5) / 2)
     assert by_arm["full+scale=0.5"].stage == 2 and by_arm["full+scale=0.5"].gain == pytest.approx(0.575)
     assert front_arms(s) == ["full+scale=0.5", "lora"]  # full is dominated by its own repair point
     assert [(p.arm, ref.arm) for p, ref in beats_reference(s)] == [("full+scale=0.5", "full")]

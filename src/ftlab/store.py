@@ -258,6 +258,10 @@ class Store:
             (run_id, arm, stage, suite),
         )
 
+    def run_items(self, run_id: str) -> list[dict[str, Any]]:
+        """Every item score of a run: ``{"arm", "stage", "suite", "item_id", "score"}`` rows (no texts)."""
+        return self._rows("SELECT arm, stage, suite, item_id, score FROM items WHERE run_id = ?", (run_id,))
+
     def artifacts(self, run_id: str) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM artifacts WHERE run_id=?", (run_id,))
 

@@ -85,8 +85,9 @@ def test_continuous_paired_bootstrap_ci_includes_zero():
 
 def test_binary_detection_and_forcing():
     assert paired_change([1, 0, 1], [1, 1, 0]).method == "mcnemar-exact+newcombe"
-    assert paired_change([1.0, 0.5], [1.0, 0.0]).method == "paired-bootstrap"
-    assert paired_change([1, 0, 1], [1, 1, 0], binary=False).method == "paired-bootstrap"
+    assert paired_change([1.0, 0.5], [1.0, 0.0]).method == "paired-t"  # continuous, fewer than 30 items
+    assert paired_change([1, 0, 1], [1, 1, 0], binary=False).method == "paired-t"
+    assert paired_change([1.0, 0.5] * 15, [1.0, 0.0] * 15).method == "paired-bootstrap"
     with pytest.raises(ValueError, match="neither 0 nor 1"):
         paired_change([0.5], [1.0], binary=True)
 
@@ -148,3 +149,22 @@ def test_capped_retention_caps_at_one():
     assert capped_retention({"a": 0.6, "b": 0.8}) == pytest.approx(0.7)
     with pytest.raises(ValueError, match="'b'"):
         capped_retention({"a": 0.9, "b": math.nan})
+
+
+def test_small_continuous_suites_use_students_t():
+    """Four chunks that all moved the same way: a bootstrap would call it significant whatever the spread; the
+    paired t-test weighs the spread with 3 degrees of freedom (t = 3.182 at 95%)."""
+    from ftlab.evals.stats import t_quantile
+
+    assert t_quantile(0.975, 3) == pytest.approx(3.182, abs=1e-3) and t_quantile(0.975, 1) == pytest.approx(
+        12.706, 1e-3
+    )
+    before, after = [10.0, 20.0, 30.0, 40.0], [10.5, 21.5, 30.2, 44.0]  # diffs 0.5, 1.5, 0.2, 4.0
+    change = paired_change(before, after)
+    diffs = [0.5, 1.5, 0.2, 4.0]
+    half = 3.182 * stderr(diffs)
+    assert change.method == "paired-t" and change.delta == pytest.approx(1.55)
+    assert (change.ci_low, change.ci_high) == pytest.approx((1.55 - half, 1.55 + half), abs=2e-3)
+    assert not change.significant and 0.1 < change.p_value < 0.3  # all four rose, but the spread is wide
+    steady = paired_change(before, [b + 1.0 + 0.01 * i for i, b in enumerate(before)])
+    assert steady.significant and steady.p_value < 1e-3

@@ -117,8 +117,12 @@ def compare_cmd(
         cells = [
             "-" if r[k] is None else f"{r[k]:+.3f}" if k == "delta" else f"{r[k]:.3f}" for k in ("a", "b", "delta")
         ]
+        if r["significant"]:
+            cells[-1] += " *"
         table.add_row(r["arm"], r["metric"], *cells)
-    console().print(table)
+    out = console()
+    out.print(table)
+    out.print("* significant: a paired test over the items both runs scored (aggregate rows carry no test)")
 
 
 def _store_and_id(run: str, store: Path | None) -> tuple[Any, str]:

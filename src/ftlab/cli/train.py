@@ -80,18 +80,47 @@ def print_table(summary: dict[str, Any], file: Any = None) -> None:
     from ftlab.report.summary import repair_lines
 
     table = Table(title=f"run {summary['run_id']}: target gain vs retained (1.0 = unchanged)")
-    suites = sorted({s for a in summary["arms"].values() for s in a["retained"]})
+    arms = summary["arms"]
+    suites = sorted({s for a in arms.values() for s, v in a.get("suites", {}).items() if v["role"] == "retained"})
+    suites = suites or sorted({s for a in arms.values() for s in a["retained"]})
     table.add_column("arm")
     table.add_column("target gain", justify="right")
+    table.add_column("retention", justify="right")
     for s in suites:
         table.add_column(s, justify="right")
     table.add_column("train s", justify="right")
     table.add_column("trainable", justify="right")
-    for name, a in summary["arms"].items():
-        gain = "-" if a["target_gain"] is None else f"{a['target_gain']:+.3f}"
-        cells = [f"{a['retained'][s]:.3f}" if s in a["retained"] else "-" for s in suites]
-        table.add_row(name, gain, *cells, f"{a['train_seconds']:.0f}", f"{a['trainable_params']:,}")
+    for name, a in arms.items():
+        gain = "-" if a["target_gain"] is None else f"{a['target_gain']:+.3f}{_mark(_target_change(a))}"
+        retention = "-" if a.get("retention") is None else f"{a['retention']:.3f}"
+        cells = [_cell(a, s) for s in suites]
+        table.add_row(name, gain, retention, *cells, f"{a['train_seconds']:.0f}", f"{a['trainable_params']:,}")
     out = Console(file=file or sys.stdout, width=200)
     out.print(table)
+    level = summary.get("confidence", 0.95)
+    out.print(
+        f"retained suites: after/before (1.0 = unchanged); * a significant change from the base (paired test over "
+        f"the same items, {level:.0%}); floor: the base is not clearly above the suite's floor, so no ratio is shown "
+        "and the suite is left out of retention (the mean of the ratios, each capped at 1)"
+    )
     for line in repair_lines(summary):
         out.print(line)
+
+
+def _mark(entry: dict[str, Any] | None) -> str:
+    return "*" if entry and entry.get("significant") else ""
+
+
+def _target_change(arm: dict[str, Any]) -> dict[str, Any] | None:
+    """The figures of the arm's target suite when it has exactly one (the gain is then that suite's change)."""
+    targets = [v for v in arm.get("suites", {}).values() if v["role"] == "target"]
+    return targets[0] if len(targets) == 1 else None
+
+
+def _cell(arm: dict[str, Any], suite: str) -> str:
+    entry = arm.get("suites", {}).get(suite)
+    if entry is not None and entry["floor"]:
+        return "floor"
+    if suite not in arm["retained"]:
+        return "-"
+    return f"{arm['retained'][suite]:.3f}{_mark(entry)}"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 FLOOR_MARGIN = 0.05  # how far above the floor the lower end of a base score's interval must lie (at_floor)
+MIN_BOOTSTRAP = 30  # continuous suites with fewer items use Student's paired t instead of the bootstrap
 _BOOT_CHUNK = 1_000_000  # bootstrap draws materialised at once (memory bound for large suites)
 
 
@@ -191,9 +192,10 @@ def paired_change(
       square-and-add interval for paired proportions (Newcombe 1998, Stat. Med. 17:2635, method 10: Wilson
       intervals of both proportions combined with their estimated correlation). ``significant`` is
       ``p_value < 1 - confidence``; the two can disagree at the margin, the test is the one to trust.
-    * Continuous items: a paired bootstrap of the mean difference (``n_boot`` resamples of the items, the same
-      resampled items for both models, seeded), with the percentile interval; ``significant`` means the interval
-      excludes 0, and ``p_value`` is the approximate bootstrap p-value
+    * Continuous items, fewer than ``MIN_BOOTSTRAP``: Student's paired t-interval and t-test on the differences.
+    * Continuous items, ``MIN_BOOTSTRAP`` or more: a paired bootstrap of the mean difference (``n_boot``
+      resamples of the items, the same resampled items for both models, seeded), with the percentile interval;
+      ``significant`` means the interval excludes 0, and ``p_value`` is the approximate bootstrap p-value
       ``min(1, 2 * (min(#means <= 0, #means >= 0) + 1) / (n_boot + 1))``.
 
     Args:
@@ -239,11 +241,55 @@ def paired_change(
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     diffs = [y - x for x, y in zip(b, a, strict=True)]
+    if n < MIN_BOOTSTRAP:
+        # A bootstrap of a handful of items cannot see its own noise (4 items that all moved the same way give an
+        # interval that excludes 0 whatever their spread); Student's paired t-interval is honest at small n.
+        if n < 2:
+            return Change(delta, -math.inf, math.inf, 1.0, False, n, se_b, se_a, "paired-t")
+        se = stderr(diffs)
+        if se == 0:
+            p = 1.0 if delta == 0 else 0.0
+            return Change(delta, delta, delta, p, delta != 0, n, se_b, se_a, "paired-t")
+        half = t_quantile(1 - alpha / 2, n - 1) * se
+        p = 2 * (1 - t_cdf(abs(delta) / se, n - 1))
+        return Change(delta, delta - half, delta + half, p, p < alpha, n, se_b, se_a, "paired-t")
     means = sorted(_bootstrap_means(diffs, n_boot, seed))
     low, high = _quantile(means, alpha / 2), _quantile(means, 1 - alpha / 2)
     far = min(sum(1 for m in means if m <= 0), sum(1 for m in means if m >= 0))
     p = min(1.0, 2 * (far + 1) / (n_boot + 1))
     return Change(delta, low, high, p, low > 0 or high < 0, n, se_b, se_a, "paired-bootstrap")
+
+
+def t_cdf(x: float, df: int) -> float:
+    """Student's t distribution function with ``df`` degrees of freedom (Simpson's rule on the density)."""
+    if x < 0:
+        return 1.0 - t_cdf(-x, df)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def density(t: float) -> float:
+        return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+
+    # substitute t = u / (1 - u) on [0, x] so long tails stay accurate; 2000 Simpson panels
+    upper = x / (1 + x)
+    steps = 2000
+    h = upper / steps
+    total = 0.0
+    for i in range(steps + 1):
+        u = i * h
+        w = 1 if i in (0, steps) else (4 if i % 2 else 2)
+        total += w * density(u / (1 - u)) / (1 - u) ** 2
+    return 0.5 + total * h / 3
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The ``q`` quantile (``q > 0.5``) of Student's t with ``df`` degrees of freedom, by bisection on ``t_cdf``."""
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < q:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+    return (lo + hi) / 2
 
 
 def at_floor(base_score: float, n: int, floor: float, confidence: float = 0.95, margin: float = FLOOR_MARGIN) -> bool:

@@ -5,6 +5,10 @@ Built-in suites (``BUILTIN_SUITES``), written for ftlab:
 * ``world-facts``: short-answer facts (many real capitals, science, animals, geography, history and culture,
   everyday knowledge), scored with ``contains``; ``suites/world-facts.jsonl``. Items are stored in stratified
   order (domains interleaved in proportion), so ``limit=N`` keeps a representative mix, not only capitals.
+* ``world-capitals`` / ``world-knowledge``: the capitals of ``world-facts`` (89 items, the question format of the
+  demo's invented capitals: "near" the demo's target) and its other domains (119 items: "mid" distance).
+* ``single-digit-sums``: all 100 sums of two digits 0-9 ("What is 3 + 4? Reply with the number only."), a task the
+  embedded model does well at (about 80% greedy), so losses show; ``numeric``.
 * ``arithmetic``: two-digit sums and differences and one-by-two-digit products from a fixed seed, ``numeric``.
 * ``instructions``: prompts with verifiable rules (case, lengths, bullets, words, JSON, ...), ``rules``;
   ``suites/instructions.jsonl``, stored with the rule types interleaved so ``limit=N`` covers many of them.
@@ -33,9 +37,12 @@ from pathlib import Path
 from ftlab.evals import ifeval, loaders
 from ftlab.evals.loaders import SuiteFormatError
 from ftlab.evals.scorers import GENERATIVE_SCORERS, METRICS, SCORERS
-from ftlab.tasks import SHORT_ANSWER, arithmetic_items, fictional_capitals
+from ftlab.tasks import SHORT_ANSWER, arithmetic_items, arithmetic_task, fictional_capitals
 
-BUILTIN_SUITES = ("world-facts", "arithmetic", "instructions", "general-text", "fictional-capitals")
+BUILTIN_SUITES = (
+    "world-facts", "world-capitals", "world-knowledge", "arithmetic", "single-digit-sums", "instructions",
+    "general-text", "fictional-capitals",
+)  # fmt: skip
 # Cap on generated tokens by scorer: short answers stop early anyway, the cap bounds a rambling answer.
 MAX_NEW_TOKENS = {"exact": 24, "contains": 24, "numeric": 24, "rules": 192}
 SUBJECT_KEY = "subject"  # item field that limit_items balances over
@@ -84,17 +91,34 @@ class Suite:
         if self.scorer == "perplexity":
             self.higher_is_better = False
 
+    @property
+    def floor(self) -> float | None:
+        """The score of a model without the ability: chance for multiple choice (the mean of 1 / number of options),
+        0 for generation; None for a lower-is-better metric such as perplexity, which has no floor."""
+        if not self.higher_is_better:
+            return None
+        if self.kind == "choice":
+            options = [len(it["choices"]) for it in self.items if it.get("choices")]
+            return sum(1 / k for k in options) / len(options) if options else 0.0
+        return 0.0
+
 
 def _packaged(name: str) -> Path:
     return Path(str(resources.files("ftlab.evals").joinpath("suites", name)))
 
 
 def _builtin(name: str, split: str) -> Suite:
-    if name == "world-facts":
+    if name in ("world-facts", "world-capitals", "world-knowledge"):
         items = loaders.load_qa(_packaged("world-facts.jsonl"))
+        if name != "world-facts":
+            items = [it for it in items if (it.get("domain") == "capitals") == (name == "world-capitals")]
         for item in items:
             item["prompt"] = f"{item['prompt']} {SHORT_ANSWER}"
         return Suite(name, "contains", items, max_new_tokens=MAX_NEW_TOKENS["contains"])
+    if name == "single-digit-sums":
+        records = arithmetic_task(n=79, split="train") + arithmetic_task(n=21, split="test")
+        items = [{"id": f"sds-{i:03d}", **r} for i, r in enumerate(records)]
+        return Suite(name, "numeric", items, max_new_tokens=MAX_NEW_TOKENS["numeric"])
     if name == "arithmetic":
         return Suite(name, "numeric", arithmetic_items(), max_new_tokens=MAX_NEW_TOKENS["numeric"])
     if name == "instructions":

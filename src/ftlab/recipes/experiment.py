@@ -70,6 +70,7 @@ class EvalSettings:
     scorers: dict[str, str] = field(default_factory=dict)  # per-suite scorer, over the suite's default
     max_new_tokens: dict[str, int] = field(default_factory=dict)  # per-suite generation cap, over the suite's
     batch_size: int = 16
+    confidence: float = 0.95  # level of every interval and test of the run's figures
 
 
 @dataclass
@@ -123,6 +124,8 @@ def validate(cfg: ExperimentConfig) -> None:
         for ref in [*stage.mix, *stage.replay]:
             if ref.startswith("stage:") and ref[6:] not in stage_names:
                 raise ConfigError(f"stages.{stage.name}: no stage named {ref[6:]!r} to replay or mix")
+    if not 0.5 <= cfg.eval.confidence < 1:
+        raise ConfigError(f"eval.confidence: {cfg.eval.confidence} is not in [0.5, 1)")
     targets, retained = all_suites(cfg)
     for key in ("limits", "scorers", "max_new_tokens"):
         unknown = sorted(set(getattr(cfg.eval, key)) - set(targets + retained))

@@ -227,7 +227,11 @@ def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[st
     # loads every suite first: a bad suite file fails before anything is written
     ev = Evaluator(cfg, store, run_id, enabled=ranks.is_main_process)
     out.mkdir(parents=True, exist_ok=True)
-    config = {**to_dict(cfg), "suite_names": {ref: suite.name for ref, suite in ev.suites.items()}}
+    config = {
+        **to_dict(cfg),
+        "suite_names": {ref: suite.name for ref, suite in ev.suites.items()},
+        "suite_floors": {suite.name: suite.floor for suite in ev.suites.values()},
+    }
     marker = out / RUN_MARKER
     if ranks.is_main_process:
         if store.run(run_id) and not marker.exists():

@@ -18,11 +18,14 @@ from pathlib import Path
 from string import Template
 
 from ftlab.atomic import write_bytes
+from ftlab.evals import stats
 from ftlab.report import plots
 from ftlab.report.summary import (
     BASE,
     ForgottenItem,
+    Point,
     RunSummary,
+    SuiteChange,
     accuracy_matrix,
     arm_continual_metrics,
     beats_reference,
@@ -103,7 +106,7 @@ def _figures(summary: RunSummary) -> dict[str, plots.Figure]:
     figs = {}
     points = plotted_points(summary)
     if points:
-        front = pareto_front([(p.retained_mean, p.gain) for p in points])
+        front = pareto_front([(p.retention, p.gain) for p in points])
         figs["pareto"] = plots.pareto_figure(points, front)
     matrices = continual_matrices(summary)
     if matrices:
@@ -192,26 +195,70 @@ def _summary_table(summary: RunSummary) -> str:
         for st in summary.stage_info.get(a["arm"], []):
             seconds[a["arm"]] = seconds.get(a["arm"], 0.0) + (st.get("train_seconds") or 0.0)
             params[a["arm"]] = max(params.get(a["arm"], 0), st.get("trainable_params") or 0)
-    head = ["arm", "kind", "compared with", "stage", "target gain", "retained (mean)", "retained (min)"]
+    head = ["arm", "kind", "compared with", "stage", "target gain", "retention", "retained (min)"]
     head += [f"retained: {s}" for s in summary.retained] + ["Pareto", "train s", "trainable params"]
     body = []
     for p in summary.points:
         cells = [
             escape(p.arm), escape(p.kind), escape(reference_arm(summary, p) or ""), str(p.stage),
-            _num(p.gain, "+.3f"), _num(p.retained_mean), _num(p.retained_min),
+            _num(p.gain, "+.3f"), _num(p.retention), _num(p.retained_min),
         ]  # fmt: skip
-        cells += [_num(p.retained.get(s)) for s in summary.retained]
         mark = "&#10003;" if p.arm in on_front else ""
-        cells += [mark, _num(seconds.get(p.arm), ".0f"), f"{params[p.arm]:,}" if p.arm in params else "&ndash;"]
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        tail = [mark, _num(seconds.get(p.arm), ".0f"), f"{params[p.arm]:,}" if p.arm in params else "&ndash;"]
+        ratios = [_ratio_cell(p, s) for s in summary.retained]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "".join(ratios))
+        body[-1] += "".join(f"<td>{c}</td>" for c in tail) + "</tr>"
     if not body:
         return '<p class="note">No trained arm has results yet.</p>'
+    level = f"{summary.confidence:.0%}"
     note = (
         '<p class="note">Target gain: mean over the target suites of the arm\'s last-stage score minus the base '
         "score. Retained: last-stage score / base score per retained suite (base / last for perplexity); "
-        "1.0 = unchanged, below 1.0 = forgot.</p>"
+        "1.0 = unchanged, below 1.0 = forgot. A coloured cell is a change from the base that is significant at "
+        f"{level} (a paired test over the same items; hover for the interval); an uncoloured one is inside the "
+        "noise. <i>floor</i>: the base is not clearly above the suite's floor (chance, or 0), so no ratio is shown "
+        "and the suite is left out of retention. Retention, the plot's x: the mean of the retained ratios, each "
+        "capped at 1, so a suite that improves cannot hide another's loss.</p>"
     )
-    return _table("summary-table", head, body) + note
+    return _table("summary-table", head, body) + note + _few_items_note(summary)
+
+
+def _ratio_cell(p: Point, suite: str) -> str:
+    change = p.changes.get(suite)
+    if change is not None and change.floor:
+        return f'<td title="{escape(_change_title(change))}"><i>floor</i></td>'
+    if suite not in p.retained:
+        return "<td>&ndash;</td>"
+    return f'<td{_change_class(change)} title="{escape(_change_title(change))}">{p.retained[suite]:.3f}</td>'
+
+
+def _change_class(change: SuiteChange | None) -> str:
+    """``up``/``down`` only for a significant change; a change inside the noise is not coloured."""
+    if change is None or not change.significant or not change.delta:
+        return ""
+    return ' class="up"' if change.delta > 0 else ' class="down"'
+
+
+def _change_title(change: SuiteChange | None) -> str:
+    if change is None:
+        return ""
+    ci = "" if change.ci is None else f" [{change.ci[0]:+.3f}, {change.ci[1]:+.3f}]"
+    p = "" if change.p_value is None else f", p={change.p_value:.3g}"
+    return f"n={change.n}, change {change.delta:+.3f}{ci}{p} ({change.method})"
+
+
+def _few_items_note(summary: RunSummary) -> str:
+    """The minimum-items warning: suites too small to detect a 10-point change at the run's confidence level."""
+    small = sorted({s for p in summary.points for s, c in p.changes.items() if c.too_few_items})
+    if not small:
+        return ""
+    need = stats.min_items(0.10, summary.confidence)
+    n = {s: max(p.changes[s].n for p in summary.points if s in p.changes) for s in small}
+    sizes = ", ".join(f"{escape(s)} (n={n[s]})" for s in small)
+    return (
+        f'<p class="note" id="few-items">Too few items to detect a 10-point change at {summary.confidence:.0%} with '
+        f"80% power (about {need} needed): {sizes}. Changes on these suites are significant only when large.</p>"
+    )
 
 
 def _table(table_id: str, head: list[str], body: list[str], caption: str = "") -> str:
@@ -226,15 +273,16 @@ def _pareto_section(summary: RunSummary, pngs: dict[str, bytes]) -> str:
     if wins:
         named = "; ".join(
             f"<b>{escape(p.arm)}</b> (vs {escape(ref.arm)}: gain {p.gain:+.3f} vs {ref.gain:+.3f}, "
-            f"retained {p.retained_mean:.3f} vs {ref.retained_mean:.3f})"
+            f"retention {p.retention:.3f} vs {ref.retention:.3f})"
             for p, ref in wins
         )
         beats = f"Beat their plain fine-tune on both axes: {named}."
     else:
         beats = "No arm or repair point beats its plain fine-tune on both axes."
     return (
-        _img(pngs, "pareto", "target gain against mean retained ratio")
-        + '<p class="note">x = mean retained ratio over the retained suites; y = target gain. The Pareto front is '
+        _img(pngs, "pareto", "target gain against retention")
+        + '<p class="note">x = retention (the mean of the retained ratios, each capped at 1; suites at their floor '
+        "left out); y = target gain. The Pareto front is "
         "taken over the trained arms and repair points; the base model (1, 0) is drawn for reference only.</p>"
         + f'<p id="front">Pareto front: {", ".join(escape(a) for a in front) or "none"}.</p>'
         + f'<p id="beats">{beats}</p>'
@@ -264,13 +312,11 @@ def _score_cell(summary: RunSummary, arm: str, stage: int, suite: str) -> str:
     row = summary.scores.get((arm, stage, suite))
     if row is None:
         return "<td>&ndash;</td>"
-    title = escape(f"{row['metric']}, n={row['n']}, stderr={row['stderr'] or 0:.3f}")
-    before = summary.score(BASE, 0, suite)
-    cls = ""
-    if arm != BASE and before is not None and row["score"] != before:
-        better = (row["score"] > before) == bool(row["higher_is_better"])
-        cls = ' class="up"' if better else ' class="down"'
-    return f'<td{cls} title="{title}">{row["score"]:.3f}</td>'
+    change = summary.change(arm, stage, suite) if arm != BASE else None
+    title = f"{row['metric']}, n={row['n']}, stderr={row['stderr'] or 0:.3f}"
+    if change is not None:
+        title += f"; vs base: {_change_title(change)}" + ("; base at the floor" if change.floor else "")
+    return f'<td{_change_class(change)} title="{escape(title)}">{row["score"]:.3f}</td>'
 
 
 def _continual_section(summary: RunSummary, pngs: dict[str, bytes]) -> str:

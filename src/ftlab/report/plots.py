@@ -39,11 +39,11 @@ def figure_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def pareto_figure(points: list[Point], front: list[bool], x_label: str = "mean retained ratio") -> Figure:
+def pareto_figure(points: list[Point], front: list[bool], x_label: str = "retention") -> Figure:
     """Target gain (y) against retained ratio (x) with the Pareto front drawn and the base model at (1, 0).
 
     Args:
-        points: the arms to place; each needs ``gain`` and ``retained_mean``.
+        points: the arms to place; each needs ``gain`` and ``retention``.
         front: one flag per point, True for points on the Pareto front.
         x_label: the x axis label.
 
@@ -59,19 +59,17 @@ def pareto_figure(points: list[Point], front: list[bool], x_label: str = "mean r
     for p in points:  # a thin line from each repair point back to the fine-tune it was derived from
         parent = by_arm.get(p.parent or "")
         if p.kind == "edit" and parent is not None:
-            ax.plot([parent.retained_mean, p.retained_mean], [parent.gain, p.gain], color="0.8", lw=0.8, zorder=1)
+            ax.plot([parent.retention, p.retention], [parent.gain, p.gain], color="0.8", lw=0.8, zorder=1)
     for kind in ("train", "edit"):
         sel = [p for p in points if p.kind == kind]
         if sel:
             color, marker = _KIND_STYLE[kind]
             label = "trained arm" if kind == "train" else "repair point"
-            ax.scatter([p.retained_mean for p in sel], [p.gain for p in sel], color=color, marker=marker, s=40,
+            ax.scatter([p.retention for p in sel], [p.gain for p in sel], color=color, marker=marker, s=40,
                        zorder=3, label=label)  # fmt: skip
     for p in points:
-        ax.annotate(p.arm, (p.retained_mean, p.gain), xytext=(4, 4), textcoords="offset points", fontsize=8)
-    on_front = sorted(
-        ((p.retained_mean, p.gain) for p, f in zip(points, front, strict=True) if f), key=lambda xy: xy[0]
-    )
+        ax.annotate(p.arm, (p.retention, p.gain), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    on_front = sorted(((p.retention, p.gain) for p, f in zip(points, front, strict=True) if f), key=lambda xy: xy[0])
     if on_front:
         xs, ys = zip(*on_front, strict=True)
         ax.step(xs, ys, where="post", color="tab:red", lw=1.5, zorder=2, label="Pareto front")

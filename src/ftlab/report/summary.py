@@ -22,9 +22,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import mean
+from statistics import NormalDist, mean
 from typing import Any
 
+from ftlab.evals import stats
 from ftlab.evals.forgetting import continual_metrics, retained_ratio, target_gain
 from ftlab.store import Store
 
@@ -41,9 +42,38 @@ class Point:
     parent: str | None
     stage: int  # the stage whose scores are "after"
     gain: float | None  # mean oriented target gain over the target suites
-    retained_mean: float | None  # mean retained ratio over the retained suites
-    retained_min: float | None  # worst retained ratio
-    retained: dict[str, float] = field(default_factory=dict)  # suite -> retained ratio
+    retention: float | None  # the plot's x: mean of the retained ratios each capped at 1 (floor suites left out)
+    retained_min: float | None  # worst retained ratio (floor suites left out)
+    retained: dict[str, float] = field(default_factory=dict)  # suite -> retained ratio (suites off the floor)
+    changes: dict[str, SuiteChange] = field(default_factory=dict)  # suite -> change from the base, with its noise
+
+
+@dataclass
+class SuiteChange:
+    """One suite's score for one arm against the base model on the same items, with its noise.
+
+    ``delta`` and ``ci`` are oriented so that positive is better (``before - after`` for perplexity); for 0/1 items
+    they are in points of accuracy (``-0.15`` = 15 points lost).
+    """
+
+    score: float
+    n: int
+    stderr: float
+    delta: float | None
+    ci: tuple[float, float] | None
+    p_value: float | None
+    significant: bool
+    floor: bool  # the base is not clearly above the suite's floor: no ratio, left out of every aggregate
+    ratio: float | None  # after/before (before/after for lower-is-better); None at the floor
+    too_few_items: bool  # fewer items than a 10-point change needs at the run's confidence level
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "score": self.score, "n": self.n, "stderr": self.stderr, "delta": self.delta,
+            "ci": list(self.ci) if self.ci else None, "p_value": self.p_value, "significant": self.significant,
+            "floor": self.floor, "ratio": self.ratio, "too_few_items": self.too_few_items, "method": self.method,
+        }  # fmt: skip
 
 
 @dataclass
@@ -62,6 +92,19 @@ class RunSummary:
     final_stage: dict[str, int]  # arm -> last stage with results
     points: list[Point]
     stage_info: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # arm -> the store's stages rows
+    item_scores: dict[tuple[str, int, str], dict[str, float]] = field(default_factory=dict)  # -> {item_id: score}
+    confidence: float = 0.95  # level of every interval and test
+    floors: dict[str, float | None] = field(default_factory=dict)  # suite -> floor (chance, 0, None: no floor)
+
+    def change(self, arm: str, stage: int, suite: str, ref: tuple[str, int] = (BASE, 0)) -> SuiteChange | None:
+        """The suite's change from ``ref`` (default: the base model) to ``arm`` at ``stage``, paired over the items
+        both were scored on; None when either has no score."""
+        key = (arm, stage, suite, ref)
+        if key not in self._changes:
+            self._changes[key] = _suite_change(self, arm, stage, suite, ref)
+        return self._changes[key]
+
+    _changes: dict[tuple, SuiteChange | None] = field(default_factory=dict, repr=False)
 
     @property
     def run_id(self) -> str:
@@ -128,7 +171,11 @@ def load_summary(store: Store, run_id: str) -> RunSummary:
     summary = RunSummary(
         run=run, config=config, arms=arms, stage_names=stage_names, stage_targets=stage_targets, targets=targets,
         retained=retained, suites=targets + retained + others, scores=scores, final_stage=final_stage, points=[],
+        confidence=float((config.get("eval") or {}).get("confidence", 0.95)),
+        floors=dict(config.get("suite_floors") or {}),
     )  # fmt: skip
+    for row in store.run_items(run_id):
+        summary.item_scores.setdefault((row["arm"], row["stage"], row["suite"]), {})[row["item_id"]] = row["score"]
     for row in store.stages(run_id):
         summary.stage_info.setdefault(row["arm"], []).append(row)
     summary.points = [_point(summary, a) for a in arms if a["arm"] != BASE and a["arm"] in final_stage]
@@ -178,6 +225,43 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _suite_change(summary: RunSummary, arm: str, stage: int, suite: str, ref: tuple[str, int]) -> SuiteChange | None:
+    """See ``RunSummary.change``: the paired test over shared items, or (without items) a normal approximation."""
+    before, after = summary.scores.get((*ref, suite)), summary.scores.get((arm, stage, suite))
+    if before is None or after is None:
+        return None
+    hib = bool(after["higher_is_better"])
+    sign = 1.0 if hib else -1.0
+    conf = summary.confidence
+    a_items = summary.item_scores.get((*ref, suite), {})
+    b_items = summary.item_scores.get((arm, stage, suite), {})
+    shared = [i for i in a_items if i in b_items]
+    delta = sign * (after["score"] - before["score"])
+    if len(shared) >= 2:
+        change = stats.paired_change([a_items[i] for i in shared], [b_items[i] for i in shared], confidence=conf)
+        # The test runs on item means; the suite score may aggregate differently (perplexity pools tokens), so the
+        # interval is shifted onto the suite-level change.
+        shift = delta - sign * change.delta
+        lo, hi = sorted((sign * change.ci_low + shift, sign * change.ci_high + shift))
+        ci, p_value, significant, method = (lo, hi), change.p_value, change.significant, change.method
+    else:
+        se = math.hypot(before["stderr"] or 0.0, after["stderr"] or 0.0)
+        half = NormalDist().inv_cdf(1 - (1 - conf) / 2) * se
+        ci, method = (delta - half, delta + half), "unpaired-normal"
+        significant = se > 0 and not ci[0] <= 0 <= ci[1]
+        p_value = 2 * (1 - NormalDist().cdf(abs(delta) / se)) if se > 0 else None
+    floor_value = summary.floors.get(suite, 0.0 if hib else None)
+    n_base = before["n"] or len(a_items)
+    floor = floor_value is not None and stats.at_floor(before["score"], n_base, floor_value, conf)
+    ratio = None if floor else _finite(retained_ratio(before["score"], after["score"], hib))
+    too_few = hib and stats.too_few_items(after["n"] or len(b_items), confidence=conf)
+    return SuiteChange(
+        score=after["score"], n=after["n"] or len(b_items), stderr=after["stderr"] or 0.0, delta=delta, ci=ci,
+        p_value=p_value, significant=bool(significant), floor=floor, ratio=ratio, too_few_items=too_few,
+        method=method,
+    )  # fmt: skip
+
+
 def _point(summary: RunSummary, arm: dict[str, Any]) -> Point:
     name, stage = arm["arm"], summary.final_stage[arm["arm"]]
     gains = []
@@ -185,17 +269,12 @@ def _point(summary: RunSummary, arm: dict[str, Any]) -> Point:
         before, after = summary.score(BASE, 0, suite), summary.score(name, stage, suite)
         if before is not None and after is not None:
             gains.append(_gain(before, after, summary.higher_is_better(suite)))
-    retained = {}
-    for suite in summary.retained:
-        before, after = summary.score(BASE, 0, suite), summary.score(name, stage, suite)
-        if before is not None and after is not None:
-            ratio = _finite(retained_ratio(before, after, summary.higher_is_better(suite)))
-            if ratio is not None:
-                retained[suite] = ratio
+    changes = {s: c for s in summary.suites if (c := summary.change(name, stage, s)) is not None}
+    retained = {s: changes[s].ratio for s in summary.retained if s in changes and changes[s].ratio is not None}
     return Point(
         arm=name, kind=arm["kind"], method=arm["method"], parent=arm["parent"], stage=stage,
-        gain=mean(gains) if gains else None, retained_mean=mean(retained.values()) if retained else None,
-        retained_min=min(retained.values()) if retained else None, retained=retained,
+        gain=mean(gains) if gains else None, retention=stats.capped_retention(retained),
+        retained_min=min(retained.values()) if retained else None, retained=retained, changes=changes,
     )  # fmt: skip
 
 
@@ -218,13 +297,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
 
 def plotted_points(summary: RunSummary) -> list[Point]:
     """The points with both a gain and a retained ratio (the ones the scatter can place)."""
-    return [p for p in summary.points if p.gain is not None and p.retained_mean is not None]
+    return [p for p in summary.points if p.gain is not None and p.retention is not None]
 
 
 def front_arms(summary: RunSummary) -> list[str]:
-    """The arms on the Pareto front of (mean retained ratio, target gain), in arm order."""
+    """The arms on the Pareto front of (retention, target gain), in arm order."""
     points = plotted_points(summary)
-    flags = pareto_front([(p.retained_mean, p.gain) for p in points])
+    flags = pareto_front([(p.retention, p.gain) for p in points])
     return [p.arm for p, on in zip(points, flags, strict=True) if on]
 
 
@@ -243,7 +322,7 @@ def beats_reference(summary: RunSummary) -> list[tuple[Point, Point]]:
     wins = []
     for p in by_arm.values():
         ref = by_arm.get(reference_arm(summary, p) or "")
-        if ref is not None and p.gain > ref.gain and p.retained_mean > ref.retained_mean:
+        if ref is not None and p.gain > ref.gain and p.retention > ref.retention:
             wins.append((p, ref))
     return wins
 
@@ -347,12 +426,21 @@ def arm_continual_metrics(summary: RunSummary, arm: str) -> dict[str, float | No
 def build_summary(store: Store, run_id: str) -> dict[str, Any]:
     """The run's figures as a plain dict: what ``summary.json`` holds and ``ftlab run`` prints.
 
-    ``{"run_id", "name", "base": {suite: score}, "arms": {arm: {"kind", "parent", "stages": [{suite: score}],
-    "target_gain", "retained": {suite: ratio}, "train_seconds", "trainable_params"}}}``. ``stages`` lists a trained
-    arm's scores after each stage (an edit arm has only the last). Target gain is the mean over the target suites
-    of after minus before, oriented so that positive is better; ``retained`` is after/before per retained suite
-    (before/after for a lower-is-better suite). Continual runs (two or more stages) add ``"matrix"`` (``tasks``, one
-    column per stage, and ``R``, rows 0..T) and ``"continual"`` (acc, bwt, fwt, forgetting) per trained arm.
+    ``{"run_id", "name", "confidence", "base": {suite: score}, "arms": {arm: {"kind", "parent", "stages":
+    [{suite: score}], "target_gain", "retained": {suite: ratio}, "retention", "suites": {suite: {...}},
+    "train_seconds", "trainable_params"}}}``.
+
+    - ``stages`` lists a trained arm's scores after each stage (an edit arm has only the last).
+    - ``target_gain`` is the mean over the target suites of after minus before, oriented so that positive is better.
+    - ``suites`` holds every suite's final figures against the base on the same items: ``score``, ``n``,
+      ``stderr``, ``delta`` (oriented: positive is better), ``ci`` (``[lo, hi]`` at the run's ``confidence``),
+      ``p_value``, ``significant``, ``floor`` (the base is not clearly above the suite's floor), ``ratio``,
+      ``too_few_items``, the test's ``method`` and the suite's ``role``; an edit arm's also holds ``vs_parent``,
+      the same test against the arm it repairs.
+    - ``retained`` is after/before per retained suite off the floor (before/after for a lower-is-better suite);
+      ``retention``, the Pareto plot's x, is their mean with each ratio capped at 1 (1.0 = nothing lost).
+    - Continual runs (two or more stages) add ``"matrix"`` (``tasks``, one column per stage, and ``R``, rows 0..T)
+      and ``"continual"`` (acc, bwt, fwt, forgetting) per trained arm.
     """
     return summary_dict(load_summary(store, run_id))
 
@@ -361,7 +449,10 @@ def summary_dict(summary: RunSummary) -> dict[str, Any]:
     """``build_summary`` for an already loaded ``RunSummary``."""
     n = summary.n_stages
     base = {s: summary.score(BASE, 0, s) for s in summary.suites if summary.score(BASE, 0, s) is not None}
-    out: dict[str, Any] = {"run_id": summary.run_id, "name": summary.run.get("name"), "base": base, "arms": {}}
+    out: dict[str, Any] = {
+        "run_id": summary.run_id, "name": summary.run.get("name"), "confidence": summary.confidence, "base": base,
+        "arms": {},
+    }  # fmt: skip
     kinds = {a["arm"]: a for a in summary.arms}
     for p in summary.points:
         arm = kinds[p.arm]
@@ -377,6 +468,8 @@ def summary_dict(summary: RunSummary) -> dict[str, Any]:
             "stages": stages,
             "target_gain": p.gain,
             "retained": dict(p.retained),
+            "retention": p.retention,
+            "suites": {s: _suite_entry(summary, p, s, c) for s, c in p.changes.items()},
             "train_seconds": sum(s["train_seconds"] or 0.0 for s in info),
             "trainable_params": max((s["trainable_params"] or 0 for s in info), default=0),
         }
@@ -389,15 +482,27 @@ def summary_dict(summary: RunSummary) -> dict[str, Any]:
     return out
 
 
+def _suite_entry(summary: RunSummary, p: Point, suite: str, change: SuiteChange) -> dict[str, Any]:
+    role = "target" if suite in summary.targets else "retained" if suite in summary.retained else "other"
+    entry = {"role": role, **change.to_dict()}
+    if p.kind == "edit" and p.parent in summary.final_stage:
+        vs = summary.change(p.arm, p.stage, suite, ref=(p.parent, summary.final_stage[p.parent]))
+        if vs is not None:
+            entry["vs_parent"] = {k: vs.to_dict()[k] for k in ("delta", "ci", "p_value", "significant")}
+    return entry
+
+
 # A repair point is worth naming when it keeps at least this share of its arm's target gain.
 KEEP_GAIN = 0.8
 
 
 def repair_lines(summary: dict[str, Any]) -> list[str]:
-    """One line per arm with a repair sweep: the point that wins back most of what the arm forgot, keeping the gain.
+    """One line per arm with a repair sweep: the point that significantly wins back most of what the arm forgot,
+    keeping the gain.
 
-    "What it forgot" is the arm's worst retained suite (lowest ratio). Among the arm's points that keep at least
-    ``KEEP_GAIN`` of its target gain, the one with the highest ratio on that suite is named, if it beats the arm.
+    "What it forgot" is the arm's worst retained suite (lowest ratio) among those whose loss from the base is
+    significant. Among the arm's points that keep at least ``KEEP_GAIN`` of its target gain and recover that suite
+    significantly (paired test against the arm itself, ``vs_parent``), the one with the highest ratio is named.
 
     Args:
         summary: a ``build_summary`` dict.
@@ -408,18 +513,43 @@ def repair_lines(summary: dict[str, Any]) -> list[str]:
         points = {k: v for k, v in arms.items() if k.startswith(name + "+")}
         if not points or not arm["retained"] or (arm["target_gain"] or 0) <= 0:
             continue
-        worst = min(arm["retained"], key=arm["retained"].get)
-        keep = {k: v for k, v in points.items() if (v["target_gain"] or 0) >= KEEP_GAIN * arm["target_gain"]}
-        best = max(keep, key=lambda k: keep[k]["retained"].get(worst, 0.0), default=None)
-        if best is None or keep[best]["retained"].get(worst, 0.0) <= arm["retained"][worst]:
-            lines.append(f"repair of {name}: no point keeps {KEEP_GAIN:.0%} of the gain and recovers {worst}")
+        suites = arm.get("suites", {})
+        lost = {s: r for s, r in arm["retained"].items() if _significant_loss(suites.get(s))}
+        if not lost:
+            lines.append(f"repair of {name}: no retained suite lost significantly; nothing to repair")
             continue
-        p = keep[best]
+        worst = min(lost, key=lost.get)
+        keep = {k: v for k, v in points.items() if (v["target_gain"] or 0) >= KEEP_GAIN * arm["target_gain"]}
+        recovering = {
+            k: v
+            for k, v in keep.items()
+            if v["retained"].get(worst, 0.0) > lost[worst] and _significant_recovery(v.get("suites", {}).get(worst))
+        }
+        best = max(recovering, key=lambda k: recovering[k]["retained"].get(worst, 0.0), default=None)
+        if best is None:
+            lines.append(
+                f"repair of {name}: no point keeps {KEEP_GAIN:.0%} of the gain and significantly recovers {worst}"
+            )
+            continue
+        p = recovering[best]
         lines.append(
             f"repair of {name}: {best} keeps {p['target_gain'] / arm['target_gain']:.0%} of the gain and brings "
-            f"{worst} from {arm['retained'][worst]:.2f} to {p['retained'][worst]:.2f} of the base"
+            f"{worst} from {arm['retained'][worst]:.2f} to {p['retained'][worst]:.2f} of the base (significant)"
         )
     return lines
+
+
+def _significant_loss(entry: dict[str, Any] | None) -> bool:
+    """A suite whose change from the base is a significant loss (suites without figures count as lost)."""
+    if entry is None:
+        return True
+    return bool(entry["significant"]) and (entry["delta"] or 0.0) < 0 and not entry["floor"]
+
+
+def _significant_recovery(entry: dict[str, Any] | None) -> bool:
+    """A repair point whose change against its arm on a suite is significant (summaries without tests: true)."""
+    vs = (entry or {}).get("vs_parent")
+    return vs is None or (bool(vs["significant"]) and (vs["delta"] or 0.0) > 0)
 
 
 # ---------------------------------------------------------------- two runs side by side (ftlab compare)
@@ -431,8 +561,10 @@ def compare_rows(a: RunSummary, b: RunSummary) -> list[dict[str, Any]]:
         b: the second run's ``RunSummary``.
 
     Returns:
-        Rows ``{"arm", "metric", "a", "b", "delta"}``: target gain, mean and min retained ratio, then each suite's
-        score at the arm's last stage; rows where neither run has a value are left out.
+        Rows ``{"arm", "metric", "a", "b", "delta", "significant"}``: target gain, retention and min retained ratio,
+        then each suite's score at the arm's last stage; rows where neither run has a value are left out. For a
+        suite, ``significant`` comes from a paired test over the items both runs scored (at the confidence of
+        run ``b``); aggregates carry ``None``.
     """
     arms = list(dict.fromkeys([x["arm"] for x in a.arms] + [x["arm"] for x in b.arms]))
     suites = list(dict.fromkeys(a.suites + b.suites))
@@ -442,17 +574,29 @@ def compare_rows(a: RunSummary, b: RunSummary) -> list[dict[str, Any]]:
         pb = {p.arm: p for p in b.points}.get(arm)
         metrics: list[tuple[str, float | None, float | None]] = [
             ("target gain", pa and pa.gain, pb and pb.gain),
-            ("retained (mean)", pa and pa.retained_mean, pb and pb.retained_mean),
+            ("retention", pa and pa.retention, pb and pb.retention),
             ("retained (min)", pa and pa.retained_min, pb and pb.retained_min),
         ]
         for s in suites:
             metrics.append((s, _final(a, arm, s), _final(b, arm, s)))
-        for metric, va, vb in metrics:
+        for k, (metric, va, vb) in enumerate(metrics):
             if va is None and vb is None:
                 continue
             delta = vb - va if va is not None and vb is not None else None
-            rows.append({"arm": arm, "metric": metric, "a": va, "b": vb, "delta": delta})
+            significant = _between_runs(a, b, arm, metric) if k >= 3 and delta is not None else None
+            rows.append({"arm": arm, "metric": metric, "a": va, "b": vb, "delta": delta, "significant": significant})
     return rows
+
+
+def _between_runs(a: RunSummary, b: RunSummary, arm: str, suite: str) -> bool | None:
+    """Whether an arm's score on a suite differs between two runs, paired over the items both scored."""
+    items_a = a.item_scores.get((arm, a.final_stage.get(arm, -1), suite), {})
+    items_b = b.item_scores.get((arm, b.final_stage.get(arm, -1), suite), {})
+    shared = [i for i in items_a if i in items_b]
+    if len(shared) < 2:
+        return None
+    change = stats.paired_change([items_a[i] for i in shared], [items_b[i] for i in shared], confidence=b.confidence)
+    return change.significant
 
 
 def _final(summary: RunSummary, arm: str, suite: str) -> float | None:
