@@ -241,3 +241,33 @@ def test_repair_line_names_the_point_that_wins_back_the_worst_suite():
     summary["arms"]["full+lines=0.6"]["retained"]["facts"] = 0.25
     (line,) = repair_lines(summary)
     assert line.startswith("repair of full: no point")
+
+
+def test_dmt_schedule_as_two_stages(tmp_path):
+    """DMT in `ftlab run`: stage 1 trains on the union of the specialised sets, stage 2 on all general data plus a
+    fraction k of *each* specialised set (drawn per set), as ftlab.data.mixing.dmt_stages builds it."""
+    from ftlab.data.mixing import dmt_stages
+    from ftlab.recipes.run import stage_records
+
+    math_ = [{"prompt": f"m{i}", "completion": "x"} for i in range(40)]
+    code = [{"prompt": f"c{i}", "completion": "y"} for i in range(20)]
+    general = [{"prompt": f"g{i}", "completion": "z"} for i in range(30)]
+    for name, rows in (("math", math_), ("code", code), ("general", general)):
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    m, c, g = (str(tmp_path / f"{n}.jsonl") for n in ("math", "code", "general"))
+    (tmp_path / "dmt.yaml").write_text(f"""
+base: tiny-test
+stages:
+  - {{name: specialised, data: [{m}, {c}]}}
+  - {{name: general, data: {g}, replay: {{{m}: 0.25, {c}: 0.25}}}}
+arms: [{{name: full, method: {{name: full}}}}]
+""")
+    cfg = load_experiment(tmp_path / "dmt.yaml")
+    one, _ = stage_records(cfg, cfg.stages[0])
+    two, _ = stage_records(cfg, cfg.stages[1])
+    want_one, want_two = dmt_stages([math_, code], general, k=0.25)
+    assert sorted(r["prompt"] for r in one) == sorted(r["prompt"] for r in want_one)
+    prefixes = [r["prompt"][0] for r in two]
+    assert (prefixes.count("g"), prefixes.count("m"), prefixes.count("c")) == (30, 10, 5)
+    assert len(two) == len(want_two)
+    assert [r["prompt"] for r in one] != [r["prompt"] for r in math_ + code]  # the union is shuffled

@@ -121,3 +121,25 @@ def test_edit_tuco_and_eft_generate(saved):
 
     want = generate(load_model(t)[0], tiny_tokenizer(), ["Hi"], max_new_tokens=3, progress=False)
     assert [r["output"] for r in tuco_out] == want == [r["output"] for r in eft_out]
+
+
+@pytest.mark.parametrize("base_format", [None, "plain"])
+def test_edit_eft_gives_the_bases_their_own_prompt_format(saved, monkeypatch, base_format):
+    """`--base-format plain` feeds both base models plain text and the fine-tune its chat template; without it every
+    model reads the same chat-templated prompt (and the generations differ between the two)."""
+    from ftlab import edits
+
+    seen = {}
+    real = edits.EFTModel
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(edits, "EFTModel", spy)
+    root = saved[0]
+    args = ["edit", "eft", "--large-base", str(root / "tuned"), "--small-tuned", str(root / "tuned")]
+    args += ["--small-base", str(root / "base"), "--prompt", "Hi", "--max-new-tokens", "4", "--json"]
+    done = _run(*args, *(["--base-format", base_format] if base_format else []))
+    assert json.loads(done.stdout.strip().splitlines()[-1])["outputs"][0]["prompt"] == "Hi"
+    assert seen["formats"] == (None if base_format is None else ["plain", "chat", "plain"])

@@ -23,8 +23,17 @@ def test_builtin_sizes_and_scorers():
     assert sizes["instructions"] >= 60
     assert sizes["arithmetic"] >= 100
     assert sizes["fictional-capitals"] == 16  # small enough to learn in the demo's 18 steps
+    # the demo's near and mid suites split world-facts; the far one holds every single-digit sum once
+    assert sizes["world-capitals"] + sizes["world-knowledge"] == sizes["world-facts"]
+    assert all(it["domain"] == "capitals" for it in load_suite("world-capitals").items)
+    assert not any(it["domain"] == "capitals" for it in load_suite("world-knowledge").items)
+    sums = {it["prompt"] for it in load_suite("single-digit-sums").items}
+    assert len(sums) == sizes["single-digit-sums"] == 100
     assert {n: load_suite(n).scorer for n in BUILTIN_SUITES} == {
         "world-facts": "contains",
+        "world-capitals": "contains",
+        "world-knowledge": "contains",
+        "single-digit-sums": "numeric",
         "arithmetic": "numeric",
         "instructions": "rules",
         "general-text": "perplexity",

@@ -118,3 +118,34 @@ def test_skip_and_stop_decisions_use_the_per_sample_average(tmp_path):
     assert result.plan_info["skipped_batches"] == 1 and result.plan_info["stopped_after_epoch"] == 1
     assert result.steps == 1
     assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+
+def test_sft_backpropagates_the_per_sample_average(monkeypatch, tiny_data, tmp_path):
+    """The plan hands the trainer the released loss (mean over samples of each one's token mean, scaled for
+    gradient accumulation), and train_sft passes it to the SFT trainer."""
+    from types import SimpleNamespace
+
+    from ftlab.config import MethodConfig, TrainConfig
+    from ftlab.models import tiny_tokenizer
+    from ftlab.train import sft
+
+    plan = locft.plan(tiny_model(), locft.Config(), PlanContext(train_cfg=TrainConfig(grad_accum=2)))
+    logits = torch.randn(2, 9, 20, generator=torch.Generator().manual_seed(0))
+    labels = torch.full((2, 9), -100)
+    labels[0, 1:3] = torch.tensor([3, 4])  # a short target
+    labels[1, 1:9] = torch.arange(5, 13)  # a long one
+    token_mean = F.cross_entropy(logits[:, :-1].reshape(-1, 20), labels[:, 1:].reshape(-1), ignore_index=-100)
+    got = plan.compute_loss_func(SimpleNamespace(logits=logits), labels)
+    assert got == pytest.approx(float(locft.sample_mean_loss(logits, labels)) / 2, rel=1e-6)
+    assert abs(float(got) - float(token_mean) / 2) > 1e-3
+    seen = {}
+    real = sft.SFTTrainer
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "SFTTrainer", spy)
+    train = TrainConfig(lr=1e-3, max_steps=1, batch_size=4)
+    sft.train_sft(tiny_model(), tiny_tokenizer(), tiny_data, MethodConfig("locft"), train, tmp_path)
+    assert seen["compute_loss_func"] is not None

@@ -207,9 +207,17 @@ def eft(
     suite: str | None = typer.Option(None, "--suite", help="Take prompts from an evaluation suite."),
     limit: int | None = typer.Option(None, "--limit", help="First N prompts."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    base_format: str | None = typer.Option(
+        None, "--base-format", help="Prompt format of both base models: chat, plain or a template with {prompt}."
+    ),
+    tuned_format: str = typer.Option("chat", "--tuned-format", help="Prompt format of the small fine-tunes."),
     as_json: bool = JSON,
 ) -> None:
-    """Generate with EFT up-scaling: large base logits + w·(small tuned − small base) logits (writes no model)."""
+    """Generate with EFT up-scaling: large base logits + w·(small tuned − small base) logits (writes no model).
+
+    By default every model reads the prompt through the tuned model's chat template; ``--base-format plain`` feeds
+    the two base models plain text instead (pre-trained bases were never trained on a chat template).
+    """
     from ftlab.edits import EFTModel
 
     prompts, ids = prompts_from(prompt, suite, limit)
@@ -223,6 +231,8 @@ def eft(
             small,
             weight=weight or 1.0,
             tokenizers=[tok_l, *[t for _, t in tuned_pairs], tok_s],
+            formats=None if base_format is None else [base_format, *[tuned_format] * len(tuned_pairs), base_format],
+            tokenizer=tuned_pairs[0][1],
         )
     except ValueError as exc:  # the models do not fit together (vocabularies, weights)
         fail(str(exc))

@@ -53,6 +53,8 @@ class Plan:
         callbacks: ``transformers.TrainerCallback`` instances (mask refresh and the like).
         finalize: ``f(model) -> model`` after training (merge adapters, apply sparse diffs).
         info: JSON-serialisable facts about the selection (densities, chosen modules) for the store.
+        compute_loss_func: the method's own SFT loss, ``f(outputs, labels, num_items_in_batch) -> loss`` already
+            scaled for gradient accumulation (transformers' ``compute_loss_func``); None keeps the trainer's.
     """
 
     trainable: set[str]
@@ -62,6 +64,7 @@ class Plan:
     callbacks: list[Any] = field(default_factory=list)
     finalize: Callable[[nn.Module], nn.Module] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    compute_loss_func: Callable[..., torch.Tensor] | None = None
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> tuple[nn.Module, list[Any]]:

@@ -24,9 +24,8 @@ block 6 of 28) and Mistral ``n_layer * 23 // 32``. SmolLM2-135M (30 blocks, Llam
 model block 2.
 
 Differs from the paper / released code:
-- the gradient comes from the shared trainer's loss, the token mean over the whole batch, while the released code
-  back-propagates the per-sample average above (``sample_mean_loss`` computes it; the trainer does not take a
-  method's own loss yet). Only the skip and stop decisions use the released average;
+- under SFT the gradient comes from the released per-sample average (``sample_mean_loss``, handed to the trainer
+  as the plan's ``compute_loss_func``); under DPO and GRPO the objective's own loss is kept;
 - EOS after each target comes from the data pipeline (the chat template's end-of-turn token), not from this method;
 - a skipped batch still advances the trainer's step counter and lr schedule (the paper uses a constant lr);
 - Mistral's released config trains the whole block; here it needs ``modules: ["*"]`` explicitly.
@@ -218,9 +217,16 @@ def plan(model: nn.Module, cfg: Config, ctx: PlanContext) -> Plan:
         params = [p for name, p in model.named_parameters() if name in trainable]
         return _SkippingAdamW(params, meter, cfg.skip_loss_below, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
+    accum = max(getattr(ctx.train_cfg, "grad_accum", 1) or 1, 1)
+
+    def loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        """The released objective: per-sample token-mean loss averaged over the batch (scaled for accumulation)."""
+        return sample_mean_loss(outputs.logits, labels) / accum
+
     return Plan(
         trainable=trainable,
         optimizer_factory=factory,
         callbacks=[_BreadthFirst(meter, cfg.stop_loss_below, info)],
         info=info,
+        compute_loss_func=loss,
     )

@@ -16,8 +16,10 @@ An experiment YAML::
 The base is evaluated once on every suite and reused by every arm. After each stage every arm is evaluated on all
 stages' targets (the accuracy matrix) and the retained suites. A stage's data can mix other sources by weight
 (``mix``) or replay a fixed fraction of them (``replay``, DMT's k); a source is a path, a built-in data set or
-``stage:<name>`` for an earlier stage's data. ``post`` lists repair edits to sweep on the arm's final model; each
-point is scored like an arm, named ``<arm>+<edit>=<value>``. Every key is described in docs/config.md.
+``stage:<name>`` for an earlier stage's data. DMT is two stages: ``data: [math.jsonl, code.jsonl]`` (the union of the
+specialised sets), then ``data: general.jsonl`` with ``replay: {math.jsonl: 0.0039, code.jsonl: 0.0039}`` (a
+fraction ``k`` of each specialised set, drawn per set). ``post`` lists repair edits to sweep on the arm's final
+model; each point is scored like an arm, named ``<arm>+<edit>=<value>``. Every key is described in docs/config.md.
 
 ``validate`` checks everything that can be checked without loading a model, before anything is written: names,
 trainers (``TRAINERS``), each stage's and arm's training settings, trainer ``settings``, ``masked_thought``, each
@@ -40,7 +42,7 @@ from ftlab.config import ConfigError, MethodConfig, TrainConfig, from_dict, load
 @dataclass
 class StageConfig:
     name: str = ""
-    data: str = ""  # training data: a JSONL path or a built-in data set name
+    data: str | list[str] = ""  # a JSONL path or built-in data set name; a list is their union (DMT's stage 1)
     format: str = "auto"
     trainer: str = "sft"  # a name in ftlab.recipes.trainers.TRAINERS: sft | grpo | dpo
     targets: list[str] = field(default_factory=list)  # suites that measure what this stage teaches
@@ -113,7 +115,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if len(set(names)) != len(names) or not all(names) or any(n == "base" or "+" in n for n in names):
         raise ConfigError(f"arms: names must be unique, non-empty, not 'base' and without '+': {names}")
     for i, stage in enumerate(cfg.stages):
-        if not stage.data:
+        if not stage.data or (isinstance(stage.data, list) and not all(stage.data)):
             raise ConfigError(f"stages[{i}].data: no training data")
         if stage.trainer not in TRAINERS:
             raise ConfigError(f"stages[{i}].trainer: {stage.trainer!r} is not one of {', '.join(TRAINERS)}")

@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 
 from ftlab.atomic import write_json, write_text
+from ftlab.config import ConfigError
 from ftlab.data import load_records
 from ftlab.data.sources import resolve_train_data
 from ftlab.models import load_model, save_model, state_dict_fp32
@@ -95,11 +96,10 @@ def stage_records(cfg: ExperimentConfig, stage: StageConfig) -> tuple[list[dict]
 
     def source(ref: str) -> list[dict]:
         if ref.startswith("stage:"):
-            other = named[ref[6:]]
-            return load_records(resolve_train_data(other.data), other.format, other.limit)[0]
+            return stage_data(cfg, named[ref[6:]])[0]
         return load_records(resolve_train_data(ref), "auto")[0]
 
-    records, fmt = load_records(resolve_train_data(stage.data), stage.format, stage.limit)
+    records, fmt = stage_data(cfg, stage)
     if stage.mix:
         others = [source(ref) for ref in stage.mix]
         records = mix([records, *others], [1.0, *stage.mix.values()], seed=cfg.seed)
@@ -107,6 +107,24 @@ def stage_records(cfg: ExperimentConfig, stage: StageConfig) -> tuple[list[dict]
         extra = source(ref)
         records = records + random.Random(cfg.seed).sample(extra, round(fraction * len(extra)))
     return records, fmt
+
+
+def stage_data(cfg: ExperimentConfig, stage: StageConfig) -> tuple[list[dict], str]:
+    """The records a stage's ``data`` names: one source, or the shuffled union of several (all in one format)."""
+    refs = stage.data if isinstance(stage.data, list) else [stage.data]
+    records: list[dict] = []
+    formats = set()
+    for ref in refs:
+        got, fmt = load_records(resolve_train_data(ref), stage.format, stage.limit)
+        records += got
+        formats.add(fmt)
+    if len(formats) > 1:
+        raise ConfigError(
+            f"stages.{stage.name}.data: the sources have different formats ({', '.join(sorted(formats))})"
+        )
+    if len(refs) > 1:
+        random.Random(cfg.seed).shuffle(records)
+    return records, formats.pop()
 
 
 def train_stage(

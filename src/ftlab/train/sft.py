@@ -152,7 +152,9 @@ def train_sft(
     plan, target, handles, optimizer = prepare_method(model, tokenizer, method, train, stage, dataset, phase)
     args = sft_config(train, work_dir, max_length)
     inputs = trainer_inputs(dataset, tokenizer, optimizer, [*plan.callbacks, *(callbacks or [])])
-    trainer = SFTTrainer(model=target, args=args, data_collator=data_collator, **inputs)
+    trainer = SFTTrainer(
+        model=target, args=args, data_collator=data_collator, compute_loss_func=plan.compute_loss_func, **inputs
+    )
     return run_trainer(trainer, model, target, plan, handles, work_dir, resume)
 
 
