@@ -4,7 +4,7 @@ A run config looks like::
 
     model: smollm2-135m-instruct        # HF id, local folder, or the embedded default
     data:
-      train: data/train.jsonl           # JSONL file, or a built-in data set name
+      train: data/train.jsonl           # JSONL/CSV/parquet/arrow file, built-in or hub data set name
     method:
       name: lora                        # any name in ftlab.methods.METHODS
       params: {r: 8}                    # validated by that method's own Config dataclass
@@ -40,11 +40,14 @@ class ConfigError(InputError):
 
 @dataclass
 class DataConfig:
-    train: str = ""  # JSONL path or built-in data set name (e.g. "fictional-capitals")
+    train: str = ""  # JSONL/CSV/parquet/arrow file or folder, built-in data set name, or hub data set name
+    split: str = "train"  # split of a hub data set or load_from_disk folder; slices too ("train[:80%]")
+    columns: dict[str, str] = field(default_factory=dict)  # record field -> column: {prompt: question}
     format: str = "auto"  # auto | chat | completion | preference | verifiable
     max_length: int = 512  # tokens; a longer record is an error unless truncate is true
     truncate: bool = False  # cut over-long records instead of failing
     limit: int | None = None  # use only the first N records
+    validation: float | str | None = None  # held-out fraction of the records (0.1), or a validation data source
 
 
 @dataclass

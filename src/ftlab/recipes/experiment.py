@@ -42,13 +42,15 @@ from ftlab.config import ConfigError, MethodConfig, TrainConfig, from_dict, load
 @dataclass
 class StageConfig:
     name: str = ""
-    data: str | list[str] = ""  # a JSONL path or built-in data set name; a list is their union (DMT's stage 1)
+    data: str | list[str] = ""  # a file, folder, built-in or hub data set; a list is their union (DMT's stage 1)
     format: str = "auto"
     trainer: str = "sft"  # a name in ftlab.recipes.trainers.TRAINERS: sft | grpo | dpo
     targets: list[str] = field(default_factory=list)  # suites that measure what this stage teaches
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for this stage
     max_length: int = 512
     limit: int | None = None  # use only the first N training records
+    split: str = "train"  # split of a hub data set or load_from_disk folder named by `data`
+    columns: dict[str, str] = field(default_factory=dict)  # record field -> column of `data` (every source of it)
     settings: dict[str, Any] = field(default_factory=dict)  # the stage trainer's settings (GRPO/DPO)
     mix: dict[str, float] = field(default_factory=dict)  # other sources -> weight (this stage's data weighs 1)
     replay: dict[str, float] = field(default_factory=dict)  # source -> fraction of its records added (DMT's k)
@@ -104,6 +106,7 @@ def validate(cfg: ExperimentConfig) -> None:
     Raises:
         ConfigError: naming the first bad field (``arms[1].settings.beta: ...``).
     """
+    from ftlab.data import check_columns
     from ftlab.methods import method_config
     from ftlab.recipes.trainers import TRAINERS
 
@@ -117,6 +120,7 @@ def validate(cfg: ExperimentConfig) -> None:
     for i, stage in enumerate(cfg.stages):
         if not stage.data or (isinstance(stage.data, list) and not all(stage.data)):
             raise ConfigError(f"stages[{i}].data: no training data")
+        check_columns(stage.columns, f"stages[{i}].columns")
         if stage.trainer not in TRAINERS:
             raise ConfigError(f"stages[{i}].trainer: {stage.trainer!r} is not one of {', '.join(TRAINERS)}")
         stage.name = stage.name or f"stage{i + 1}"

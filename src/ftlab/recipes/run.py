@@ -110,12 +110,15 @@ def stage_records(cfg: ExperimentConfig, stage: StageConfig) -> tuple[list[dict]
 
 
 def stage_data(cfg: ExperimentConfig, stage: StageConfig) -> tuple[list[dict], str]:
-    """The records a stage's ``data`` names: one source, or the shuffled union of several (all in one format)."""
+    """The records a stage's ``data`` names: one source, or the shuffled union of several (all in one format); the
+    stage's ``split`` and ``columns`` apply to each source."""
+    from ftlab.data.sources import load_train_data
+
     refs = stage.data if isinstance(stage.data, list) else [stage.data]
     records: list[dict] = []
     formats = set()
     for ref in refs:
-        got, fmt = load_records(resolve_train_data(ref), stage.format, stage.limit)
+        got, fmt = load_train_data(ref, stage.format, stage.limit, stage.split, stage.columns)
         records += got
         formats.add(fmt)
     if len(formats) > 1:

@@ -4,7 +4,8 @@ The output folder appears only when everything worked: the data is validated and
 written, training happens in a temporary folder beside it, and that folder is renamed to ``<dir>`` at the end
 (``ftlab.atomic.replace_dir``). It holds
 ``model/`` (Hugging Face format, safetensors; for LoRA only with ``output.merge_lora``), ``adapter/`` (LoRA only,
-a PEFT adapter), ``config.yaml`` (the resolved config) and ``train_log.json``.
+a PEFT adapter), ``config.yaml`` (the resolved config) and ``train_log.json`` (with ``eval_loss`` entries when
+``data.validation`` holds records out).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import yaml
 
 from ftlab.atomic import replace_dir, write_json
 from ftlab.config import ConfigError, RunConfig, to_dict
-from ftlab.data import load_records, sft_dataset
-from ftlab.data.sources import resolve_train_data
+from ftlab.data import check_columns, sft_dataset
+from ftlab.data.sources import hold_out, load_train_data
 from ftlab.methods import method_config
 from ftlab.models import load_model, load_tokenizer, save_model
 from ftlab.train.sft import TrainResult, train_sft
@@ -36,17 +37,21 @@ def run_train(cfg: RunConfig) -> tuple[Path, TrainResult]:
             f"train.trainer: `ftlab train` runs sft; {cfg.train.trainer!r} runs as a stage of `ftlab run`"
         )
     method_config(cfg.method.name, cfg.method.params)
+    check_columns(cfg.data.columns, "data.columns")
 
     tokenizer = load_tokenizer(cfg.model)
-    source = resolve_train_data(cfg.data.train)
-    records, fmt = load_records(source, cfg.data.format, cfg.data.limit)
-    dataset = sft_dataset(records, fmt, tokenizer, cfg.data.max_length, cfg.data.truncate)
+    data = cfg.data
+    records, fmt = load_train_data(data.train, data.format, data.limit, data.split, data.columns)
+    records, held = hold_out(records, data.validation, cfg.train.seed, fmt, data.columns)
+    dataset = sft_dataset(records, fmt, tokenizer, data.max_length, data.truncate)
+    eval_dataset = sft_dataset(held, fmt, tokenizer, data.max_length, data.truncate) if held else None
 
     model, tokenizer = load_model(cfg.model)
     with replace_dir(out) as partial:
         result = train_sft(
-            model, tokenizer, dataset, cfg.method, cfg.train, partial / "work", max_length=cfg.data.max_length
-        )
+            model, tokenizer, dataset, cfg.method, cfg.train, partial / "work", max_length=data.max_length,
+            eval_dataset=eval_dataset,
+        )  # fmt: skip
         if cfg.method.name == "lora":
             result.model.save_pretrained(partial / "adapter", safe_serialization=True)
             tokenizer.save_pretrained(partial / "adapter")
@@ -56,6 +61,8 @@ def run_train(cfg: RunConfig) -> tuple[Path, TrainResult]:
         (partial / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         log: dict[str, Any] = {
             "steps": result.steps,
+            "train_records": len(records),
+            "eval_records": len(held),
             "train_seconds": result.train_seconds,
             "trainable_params": result.trainable_params,
             "optimizer_state_bytes": result.optimizer_state_bytes,

@@ -3,7 +3,8 @@
 - ``summary.py``: the run's store rows as plain tables (scores per stage, gain, retained ratios, Pareto front,
   accuracy matrix, worst-forgotten items);
 - ``plots.py``: pure functions from those rows to matplotlib figures;
-- ``html.py``: the page (``render_report``).
+- ``html.py``: the page (``render_report``);
+- ``export.py``: the summary as CSV, a Markdown table or JSON (``export_summary``, ``summary_rows``).
 
 The commands that show them (``report``, ``runs``, ``compare``) live in ``ftlab.cli.report``.
 
@@ -24,6 +25,8 @@ _LAZY = {
     "build_summary": "ftlab.report.summary",
     "compare_rows": "ftlab.report.summary",
     "repair_lines": "ftlab.report.summary",
+    "export_summary": "ftlab.report.export",
+    "summary_rows": "ftlab.report.export",
 }
 __all__ = list(_LAZY)
 

@@ -1,10 +1,11 @@
 """The run report: one self-contained HTML page (inline CSS, PNGs inlined as base64, no scripts, no external
 files) plus the same PNGs written next to it as ``<stem>_pareto.png``, ``<stem>_heatmap.png``, ``<stem>_bars.png``.
 
-Sections: a summary of every arm (target gain, retained ratios, Pareto membership), the gain-vs-retained scatter
-(x = the *mean* retained ratio over the retained suites) naming the points that beat their plain fine-tune on both
-axes, one score table per stage (base row first), the accuracy matrix and ACC/BWT/FWT/forgetting of continual runs,
-per-suite bars, the worst-forgotten items with the base and the arm's answers, and the run's config.
+Sections: a summary of every arm (target gain, retention, retained ratios coloured only when the change is
+significant, Pareto membership) with the minimum-items warning, the gain-vs-retained scatter (x = retention: the mean
+of the retained ratios, each capped at 1, suites at their floor left out) naming the points that beat their plain
+fine-tune on both axes, one score table per stage (base row first), the accuracy matrix and ACC/BWT/FWT/forgetting of
+continual runs, per-suite bars, the worst-forgotten items with the base and the arm's answers, and the run's config.
 Everything that comes from a model, a data set or a config is passed through ``html.escape``.
 """
 

@@ -127,6 +127,7 @@ def train_sft(
     resume: bool = False,
     callbacks: list[TrainerCallback] | None = None,
     data_collator: Any = None,
+    eval_dataset: Dataset | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on a tokenized dataset with the named method.
 
@@ -142,6 +143,8 @@ def train_sft(
         resume: continue from the newest checkpoint in ``work_dir`` when there is one.
         callbacks: extra trainer callbacks.
         data_collator: replaces TRL's default collator (e.g. Masked Thought's input masking).
+        eval_dataset: tokenized validation rows; when given, the loss on them is logged (``eval_loss``) every
+            ``train.logging_steps`` steps.
 
     Returns:
         A TrainResult; call ``final_model()`` for the plain trained model.
@@ -150,11 +153,13 @@ def train_sft(
     set_seed(train.seed)
     phase = _train_phase(train, work_dir, tokenizer, max_length)
     plan, target, handles, optimizer = prepare_method(model, tokenizer, method, train, stage, dataset, phase)
-    args = sft_config(train, work_dir, max_length)
+    evals = dict(eval_strategy="steps", eval_steps=train.logging_steps) if eval_dataset is not None else {}
+    args = sft_config(train, work_dir, max_length, **evals)
     inputs = trainer_inputs(dataset, tokenizer, optimizer, [*plan.callbacks, *(callbacks or [])])
     trainer = SFTTrainer(
-        model=target, args=args, data_collator=data_collator, compute_loss_func=plan.compute_loss_func, **inputs
-    )
+        model=target, args=args, data_collator=data_collator, compute_loss_func=plan.compute_loss_func,
+        eval_dataset=eval_dataset, **inputs,
+    )  # fmt: skip
     return run_trainer(trainer, model, target, plan, handles, work_dir, resume)
 
 
