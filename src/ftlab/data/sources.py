@@ -8,6 +8,7 @@
   text); rows are named ``file:row N``;
 - any other path that exists or ends in ``.jsonl``: JSONL, read line by line (``file:line``), as before;
 - a built-in name (``fictional-capitals``, ...);
+- a path that starts with ``/``, ``./``, ``../`` or ``~`` and does not exist is an error;
 - anything else is a hub data set name: ``datasets.load_dataset(name, split=...)``, which answers from the local cache
   when the hub is offline (``HF_HUB_OFFLINE=1``) and downloads only when online.
 
@@ -52,6 +53,8 @@ def resolve_train_data(ref: str, split: str = "train") -> Any:
         if not path.exists():
             raise DataError(f"{ref}: no such file")
         return _read_table(ref, path, split)
+    if ref.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise DataError(f"{ref}: no such file or folder")
     sets = builtin_train_sets()
     if path.exists() or ref.endswith(".jsonl") or ref in sets:
         if split != "train":
@@ -155,7 +158,7 @@ def _read_hub(ref: str, split: str, sets: dict[str, Any]) -> Table:
 
     not_local = f"{ref}: not a file or a built-in data set ({', '.join(sets)}), and"
     try:
-        return Table(datasets.load_dataset(ref), ref)
+        return Table(datasets.load_dataset(ref, split=split), ref)
     except ConnectionError as err:
         if datasets.config.HF_HUB_OFFLINE:
             raise DataError(f"{not_local} not in the local cache of hub data sets (the hub is offline)") from None
