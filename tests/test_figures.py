@@ -68,10 +68,10 @@ def test_changes_carry_paired_tests_and_only_significant_ones_count(tmp_path):
     full = s["arms"]["full"]["suites"]
     facts, instr = full["facts"], full["instr"]
     assert facts["n"] == 48 and facts["delta"] == pytest.approx(20 / 48 - 36 / 48)
-    assert facts["significant"] and facts["ci"][1] < 0 and facts["method"] == "mcnemar-exact+newcombe"
-    # 6 of 12 -> 3 of 12: three discordant pairs all one way, McNemar p = 2 * 0.5**3 = 0.25
+    assert facts["significant"] and facts["ci"][1] < 0 and facts["method"] == "mcnemar-midp+newcombe"
+    # 6 of 12 -> 3 of 12: three discordant pairs all one way, mid-p McNemar p = 2 * 0.5**3 - 0.5**3 = 0.125
     assert instr["delta"] == pytest.approx(-0.25) and not instr["significant"]
-    assert instr["p_value"] == pytest.approx(0.25) and instr["ci"][0] < 0 < instr["ci"][1]
+    assert instr["p_value"] == pytest.approx(0.125) and instr["ci"][0] < 0 < instr["ci"][1]
     assert instr["too_few_items"] and facts["too_few_items"]  # both below the ~393 items a 10-point change needs
     # the repair line names the significant loss (facts), not the larger-looking noisy one (instructions)
     (line,) = repair_lines(s)
