@@ -216,8 +216,9 @@ def paired_change(
       interval is Newcombe's square-and-add interval for paired proportions (Newcombe 1998, Stat. Med. 17:2635,
       method 10: Wilson intervals of both proportions combined with their estimated correlation). ``significant``
       is ``p_value < 1 - confidence``. The exact test (``mcnemar_exact``) was used first; on the demo it called a
-      world-knowledge loss of 11 items against 3 gained (of 48; interval -0.305 to -0.015; exact p 0.057) not significant, so the table and the interval
-      disagreed; the mid-p test keeps near the nominal level and agrees with the interval except at the margin.
+      world-knowledge loss of 11 items against 3 gained (of 48; interval -0.305 to -0.015; exact p 0.057) not
+      significant, so the table and the interval disagreed; the mid-p test keeps near the nominal level and agrees
+      with the interval except at the margin.
     * Continuous items, fewer than ``MIN_BOOTSTRAP``: Student's paired t-interval and t-test on the differences.
     * Continuous items, ``MIN_BOOTSTRAP`` or more: a paired bootstrap of the mean difference (``n_boot``
       resamples of the items, the same resampled items for both models, seeded), with the percentile interval;
