@@ -73,6 +73,15 @@ class TrainConfig:
     save_steps: int = 0  # checkpoint every N steps (0: only at the end); used for resume
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower steps
+    report_to: list[str] = field(default_factory=list)  # tensorboard, mlflow, wandb, trackio (ftlab.trackers)
+    run_name: str = ""  # tracker run name (ftlab run: its prefix); default: the output folder's name
+    logging_dir: str = ""  # tensorboard folder; default: <output>/tb
+
+    def __post_init__(self) -> None:
+        if self.report_to:
+            from ftlab.trackers import check_trackers  # imports no tracker library
+
+            check_trackers(self.report_to)
 
 
 @dataclass

@@ -5,7 +5,9 @@ Example::
     ftlab eval --model smollm2-135m-instruct --suite world-facts --suite /path/ARC-Easy-Dev.jsonl --limit 200 --json
 
 With ``--json`` the last line of stdout is one JSON object ``{"model", "suites": {name: {"metric", "score", "n",
-"stderr"}}}``; progress bars and notes go to stderr. ``--model`` also takes a PEFT adapter folder.
+"stderr"}}}``; progress bars and notes go to stderr. ``--model`` also takes a PEFT adapter folder. A suite
+``lm-eval:TASK`` is an lm-evaluation-harness task, group or tag scored through lm-eval (``pip install
+'ftlab[harness]'``); ``--lm-eval-include DIR`` adds a folder of custom task YAMLs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ def register(app: typer.Typer) -> None:
 
 def eval_cmd(
     suite: list[str] = typer.Option(
-        ..., "--suite", "-s", help="Built-in suite name or a file/folder path (format detected); repeatable."
+        ...,
+        "--suite",
+        "-s",
+        help="Built-in suite name, a file/folder path (format detected), or lm-eval:TASK; repeatable.",
     ),
     model: str = typer.Option(
         EMBEDDED, "--model", "-m", help="Hugging Face id, local folder, PEFT adapter folder, or smollm2-135m-instruct."
@@ -39,13 +44,17 @@ def eval_cmd(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Prompts per batch."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1, help="Override the generation cap."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object as the last line of stdout."),
+    lm_eval_include: list[str] = typer.Option(
+        [], "--lm-eval-include", help="Folder of custom lm-eval task YAMLs for lm-eval:TASK suites; repeatable."
+    ),
 ) -> None:
     """Score a model on evaluation suites."""
     from ftlab.evals.runner import evaluate_many
     from ftlab.evals.suites import load_suite
     from ftlab.models import load_model
 
-    suites = [load_suite(ref, scorer=scorer, limit=limit, split=split) for ref in suite]
+    include = lm_eval_include or None
+    suites = [load_suite(ref, scorer=scorer, limit=limit, split=split, lm_eval_include=include) for ref in suite]
     names = [s.name for s in suites]
     if len(set(names)) != len(names):
         fail(f"two suites share a name: {names}")

@@ -1,7 +1,8 @@
 """Run a suite on a model: ``evaluate(model, tokenizer, suite) -> SuiteResult`` with per-item rows.
 
 The suite's ``kind`` decides how the model is queried: ``generate`` (batched greedy generation, then a generative
-scorer on each output), ``choice`` (log-likelihood of each option) or ``perplexity`` (NLL of each text). The model
+scorer on each output), ``choice`` (log-likelihood of each option), ``perplexity`` (NLL of each text) or ``lm-eval``
+(an lm-evaluation-harness task scored by lm-eval itself, ``harness.run_harness``). The model
 is a Hugging Face causal LM or any logits callable with ``.device`` (see ``generation.py``).
 
 Summary statistics: accuracy-like metrics report the mean item score and its standard error
@@ -133,6 +134,10 @@ def _run(model, tokenizer, suite: Suite, batch_size: int, max_new_tokens: int | 
             for item, (s, k) in zip(suite.items, nll, strict=True)
         ]
         score, stderr = perplexity_stderr([s for s, _ in nll], [k for _, k in nll])
+    elif suite.kind == "lm-eval":  # scored by lm-evaluation-harness (``harness.py``)
+        from ftlab.evals.harness import run_harness
+
+        rows, score, stderr = run_harness(model, tokenizer, suite, batch_size, max_new_tokens)
     else:
         raise ValueError(f"suite {suite.name!r}: unknown kind {suite.kind!r}")
     return rows, score, stderr

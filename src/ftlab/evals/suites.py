@@ -193,16 +193,26 @@ def limit_items(items: list[dict], limit: int | None, key: str = SUBJECT_KEY) ->
     return [items[i] for i in keep]
 
 
-def load_suite(ref: str, scorer: str | None = None, limit: int | None = None, split: str = "test") -> Suite:
-    """Load a built-in suite by name or a user suite from a file or folder (format detected).
+def load_suite(
+    ref: str,
+    scorer: str | None = None,
+    limit: int | None = None,
+    split: str = "test",
+    lm_eval_include: str | Path | list[str | Path] | None = None,
+) -> Suite:
+    """Load a built-in suite by name, a user suite from a file or folder (format detected), or an lm-eval task.
 
     Args:
-        ref: a name in ``BUILTIN_SUITES`` or a path (JSONL, CSV file or folder, plain text).
+        ref: a name in ``BUILTIN_SUITES``, a path (JSONL, CSV file or folder, plain text), or ``lm-eval:TASK`` (an
+            lm-evaluation-harness task, group or tag, scored through lm-eval; see ``ftlab.evals.harness``).
         scorer: override the default scorer (e.g. ``exact`` or ``numeric`` for a prompt/answer JSONL, ``choice_norm``
-            for multiple choice). Built-in suites accept only their own scorer.
+            for multiple choice). Built-in suites accept only their own scorer. For ``lm-eval:`` suites, the lm-eval
+            metric to report (``acc_norm``, ``exact_match,flexible-extract``).
         limit: keep ``limit`` items: an equal share (give or take one) of each subject when the items have a
-            ``subject`` (an MMLU folder), else the first ``limit`` (see ``limit_items``).
+            ``subject`` (an MMLU folder), else the first ``limit`` (see ``limit_items``); for ``lm-eval:`` suites an
+            equal share of each task.
         split: for ``fictional-capitals``, ``train`` or ``test``.
+        lm_eval_include: folder(s) of custom lm-eval task YAMLs, for ``lm-eval:`` suites (ignored by others).
 
     Returns:
         The suite.
@@ -213,6 +223,10 @@ def load_suite(ref: str, scorer: str | None = None, limit: int | None = None, sp
     """
     if limit is not None and limit < 1:
         raise SuiteFormatError(f"limit must be >= 1, got {limit}")
+    if ref.startswith("lm-eval:"):
+        from ftlab.evals.harness import load_harness_suite
+
+        return load_harness_suite(ref, scorer=scorer, limit=limit, include=lm_eval_include)
     if ref in BUILTIN_SUITES:
         suite = _builtin(ref, split)
         if scorer is not None and scorer != suite.scorer:

@@ -75,6 +75,7 @@ class EvalSettings:
     max_new_tokens: dict[str, int] = field(default_factory=dict)  # per-suite generation cap, over the suite's
     batch_size: int = 16
     confidence: float = 0.95  # level of every interval and test of the run's figures
+    lm_eval_include: str | list[str] | None = None  # folder(s) of custom lm-eval task YAMLs for lm-eval:TASK suites
 
 
 @dataclass

@@ -14,6 +14,7 @@ table, the HTML report and ``ftlab compare`` also read.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 from pathlib import Path
@@ -64,7 +65,9 @@ class Evaluator:
         self.suites = {}
         for name in self.targets + self.retained:
             limit = cfg.eval.limits.get(name, cfg.eval.limit)
-            self.suites[name] = load_suite(name, scorer=cfg.eval.scorers.get(name), limit=limit)
+            self.suites[name] = load_suite(
+                name, scorer=cfg.eval.scorers.get(name), limit=limit, lm_eval_include=cfg.eval.lm_eval_include
+            )
 
     @property
     def names(self) -> list[str]:
@@ -276,4 +279,19 @@ def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[st
     if ranks.is_main_process:
         write_json(out / "summary.json", summary)
         store.finish_run(run_id)
+        log_to_trackers(cfg, summary, out)
     return summary
+
+
+def log_to_trackers(cfg: ExperimentConfig, summary: dict[str, Any], out: Path) -> None:
+    """Log the run's scores and retention figures into the tracker runs its training reported to (``train.report_to``;
+    the base goes to every tracker any arm names). ``ftlab.trackers`` places the runs."""
+    from ftlab.trackers import log_summary
+
+    configs = {(a.name, t): train_config(cfg, st, a) for a in cfg.arms for t, st in enumerate(cfg.stages, start=1)}
+    names = list(dict.fromkeys(name for c in configs.values() for name in c.report_to))
+    if not names:
+        return
+    base = dataclasses.replace(train_config(cfg, cfg.stages[0], ArmConfig()), report_to=names)
+    used = log_summary(summary, out, lambda arm, t: configs[arm, t] if arm else base)
+    console.print(f"scores and retention logged to {', '.join(used)}")

@@ -4,12 +4,13 @@ The output folder appears only when everything worked: the data is validated and
 written, training happens in a temporary folder beside it, and that folder is renamed to ``<dir>`` at the end
 (``ftlab.atomic.replace_dir``). It holds
 ``model/`` (Hugging Face format, safetensors; for LoRA only with ``output.merge_lora``), ``adapter/`` (LoRA only,
-a PEFT adapter), ``config.yaml`` (the resolved config) and ``train_log.json`` (with ``eval_loss`` entries when
-``data.validation`` holds records out).
+a PEFT adapter), ``config.yaml`` (the resolved config), ``train_log.json`` (with ``eval_loss`` entries when
+``data.validation`` holds records out) and, when ``train.report_to`` names tensorboard, ``tb/`` (its event files).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,12 @@ def run_train(cfg: RunConfig) -> tuple[Path, TrainResult]:
     dataset = sft_dataset(records, fmt, tokenizer, data.max_length, data.truncate)
     eval_dataset = sft_dataset(held, fmt, tokenizer, data.max_length, data.truncate) if held else None
 
+    # trackers (train.report_to) log under the output folder's name, tensorboard to <dir>/tb (ftlab.trackers)
+    train = dataclasses.replace(cfg.train, run_name=cfg.train.run_name or out.resolve().name)
     model, tokenizer = load_model(cfg.model)
     with replace_dir(out) as partial:
         result = train_sft(
-            model, tokenizer, dataset, cfg.method, cfg.train, partial / "work", max_length=data.max_length,
+            model, tokenizer, dataset, cfg.method, train, partial / "work", max_length=data.max_length,
             eval_dataset=eval_dataset,
         )  # fmt: skip
         if cfg.method.name == "lora":

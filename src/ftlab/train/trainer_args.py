@@ -11,8 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.integrations import TensorBoardCallback
 
 from ftlab.config import TrainConfig
+from ftlab.trackers import trainer_location
+
+# A trainer's checkpoint folder -> the folder its tensorboard logs go to (see ``tracker_kwargs``).
+_TENSORBOARD_DIRS: dict[str, Path] = {}
 
 
 def cpu_process_group() -> bool:
@@ -24,14 +29,46 @@ def cpu_process_group() -> bool:
 
 
 def trainer_inputs(dataset: Any, tokenizer: Any, optimizer: Any, callbacks: list[Any] | None) -> dict[str, Any]:
-    """The keywords every TRL trainer takes besides its model and config: data, tokenizer, optimizer, callbacks."""
-    return dict(
-        train_dataset=dataset, processing_class=tokenizer, optimizers=(optimizer, None), callbacks=callbacks or []
-    )
+    """The keywords every TRL trainer takes besides its model and config: data, tokenizer, optimizer, callbacks (with
+    the tensorboard callback when a trainer config asked for tensorboard)."""
+    callbacks = [*(callbacks or []), *([StageTensorBoard()] if _TENSORBOARD_DIRS else [])]
+    return dict(train_dataset=dataset, processing_class=tokenizer, optimizers=(optimizer, None), callbacks=callbacks)
+
+
+def tracker_kwargs(train: TrainConfig, work_dir: str | Path) -> dict[str, Any]:
+    """``report_to`` and ``run_name`` for the trackers ``train.report_to`` names (``ftlab.trackers`` places the runs).
+
+    TensorBoard is kept out of ``report_to``: transformers would write its logs under the work folder, which is removed
+    when the stage ends. The work folder is registered instead, and the ``StageTensorBoard`` callback that
+    ``trainer_inputs`` adds writes to the folder ``ftlab.trackers.trainer_location`` gives.
+    """
+    key = _key(work_dir)
+    _TENSORBOARD_DIRS.pop(key, None)
+    location = trainer_location(train, work_dir) if train.report_to else None
+    if location is None:
+        return {"report_to": "none"}
+    name, folder = location
+    if "tensorboard" in train.report_to:
+        _TENSORBOARD_DIRS[key] = folder
+    others = [t for t in dict.fromkeys(train.report_to) if t != "tensorboard"]
+    return {"report_to": others or "none", "run_name": name}
+
+
+class StageTensorBoard(TensorBoardCallback):
+    """transformers' tensorboard callback, writing to the folder registered for the trainer's work folder (a trainer
+    whose config did not ask for tensorboard has none registered, and the callback writes nothing)."""
+
+    def _init_summary_writer(self, args: Any, *_: Any) -> None:
+        folder = _TENSORBOARD_DIRS.get(_key(args.output_dir))
+        self.tb_writer = None if folder is None else self._SummaryWriter(log_dir=str(folder))
+
+
+def _key(work_dir: str | Path) -> str:
+    return os.path.abspath(os.path.expanduser(str(work_dir)))
 
 
 def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path) -> dict[str, Any]:
-    """``TrainingArguments`` keywords from our TrainConfig (CPU-friendly: no workers, no reporting).
+    """``TrainingArguments`` keywords from our TrainConfig (CPU-friendly: no workers; reporting to ``report_to``).
 
     Args:
         train: optimizer and schedule settings.
@@ -59,7 +96,7 @@ def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path) -> dict[str, A
         save_total_limit=1,
         bf16=train.bf16,
         activation_checkpointing=train.gradient_checkpointing,  # TRL turns it on by default; small models do without
-        report_to="none",
+        **tracker_kwargs(train, work_dir),
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps host-to-GPU copies
         use_cpu=cpu_process_group(),
