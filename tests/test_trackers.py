@@ -110,7 +110,7 @@ def test_an_unknown_or_missing_tracker_is_a_config_error_before_anything_is_writ
     result = runner.invoke(app, ["run", str(exp), "--store", str(tmp_path / "s.db"), "--set", "train.report_to=[x]"])
     assert result.exit_code == 2 and "train.report_to" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr("ftlab.trackers.installed", lambda module: module != "wandb")
+    monkeypatch.setattr("ftlab.config.installed", lambda module: module != "wandb")
     with pytest.raises(ConfigError, match=r"train\.report_to: wandb is not installed \(pip install wandb\)"):
         load_experiment(exp, ["arms=[{name: a, method: {name: full}, train: {report_to: [wandb]}}]"])
 

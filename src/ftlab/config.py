@@ -78,10 +78,34 @@ class TrainConfig:
     logging_dir: str = ""  # tensorboard folder; default: <output>/tb
 
     def __post_init__(self) -> None:
-        if self.report_to:
-            from ftlab.trackers import check_trackers  # imports no tracker library
+        check_trackers(self.report_to)
 
-            check_trackers(self.report_to)
+
+# Trackers `train.report_to` may name: name -> (module to find, how to install it); ftlab.trackers writes to them.
+TRACKERS = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "mlflow": ("mlflow", "pip install mlflow-skinny"),
+    "wandb": ("wandb", "pip install wandb"),
+    "trackio": ("trackio", "pip install trackio"),
+}
+
+
+def installed(module: str) -> bool:
+    """True when ``module`` can be imported (found without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def check_trackers(names: list[str]) -> None:
+    """Raise a one-line ``ConfigError`` naming ``train.report_to`` for an unknown or uninstalled tracker (no tracker
+    library is imported)."""
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"train.report_to: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}")
+        module, install = TRACKERS[name]
+        if not installed(module):
+            raise ConfigError(f"train.report_to: {name} is not installed ({install})")
 
 
 @dataclass

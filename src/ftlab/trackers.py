@@ -31,7 +31,6 @@ none; trackio resumes the run by name; wandb starts a run with the same name (``
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import time
@@ -39,34 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ftlab.config import ConfigError, TrainConfig
+from ftlab.config import TrainConfig
 
 # tracker name -> (module that must be importable, how to install it)
-TRACKERS = {
-    "tensorboard": ("tensorboard", "pip install tensorboard"),
-    "mlflow": ("mlflow", "pip install mlflow-skinny"),
-    "wandb": ("wandb", "pip install wandb"),
-    "trackio": ("trackio", "pip install trackio"),
-}
 
 _STAGE_WORK = re.compile(r"stage-(\d+)\.work")  # `ftlab run` trains stage t of arm a in <out>/arms/<a>/stage-<t>.work
 _PHASE = "phase"  # a method's inner training phase trains in <work>/phase; it is not reported
 _MLFLOW_KEY = re.compile(r"[^0-9A-Za-z_\-. :/]")
-
-
-def check_trackers(names: list[str]) -> None:
-    """Raise a one-line ``ConfigError`` naming ``train.report_to`` for an unknown or uninstalled tracker."""
-    for name in names:
-        if name not in TRACKERS:
-            raise ConfigError(f"train.report_to: {name!r} is not a tracker; choose from {', '.join(TRACKERS)}")
-        module, install = TRACKERS[name]
-        if not installed(module):
-            raise ConfigError(f"train.report_to: {name} is not installed ({install})")
-
-
-def installed(module: str) -> bool:
-    """True when ``module`` can be imported (without importing it)."""
-    return importlib.util.find_spec(module) is not None
 
 
 def run_location(train: TrainConfig, out: str | Path, label: str) -> tuple[str, Path]:
