@@ -49,6 +49,11 @@ class DataConfig:
     limit: int | None = None  # use only the first N records
     validation: float | str | None = None  # held-out fraction of the records (0.1), or a validation data source
 
+    def __post_init__(self) -> None:
+        at_least("data", self, max_length=1, limit=1)
+        if isinstance(self.validation, float) and not 0.0 < self.validation < 1.0:
+            raise ConfigError(f"data.validation: the fraction {self.validation} is not in (0, 1)")
+
 
 @dataclass
 class MethodConfig:
@@ -78,7 +83,39 @@ class TrainConfig:
     logging_dir: str = ""  # tensorboard folder; default: <output>/tb
 
     def __post_init__(self) -> None:
+        at_least(
+            "train", self, batch_size=1, grad_accum=1, logging_steps=1, save_steps=0, weight_decay=0, max_grad_norm=0
+        )
+        if self.lr <= 0 or self.epochs <= 0:
+            raise ConfigError(f"train.{'lr' if self.lr <= 0 else 'epochs'}: must be > 0")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps: {self.max_steps} is neither -1 (train by epochs) nor >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} is not in [0, 1)")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"train.scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         check_trackers(self.report_to)
+
+
+# transformers' scheduler names (SchedulerType), listed here so that checking a config does not import transformers
+SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+)  # fmt: skip
+
+
+def at_least(where: str, obj: Any, **bounds: float) -> None:
+    """Raise a ConfigError naming ``<where>.<field>`` when a numeric field of ``obj`` is below its bound.
+
+    Args:
+        where: the dotted prefix of the fields in messages (``train``, ``eval``, ``data``).
+        obj: the config object.
+        **bounds: field name -> smallest allowed value (``None`` values of optional fields are skipped).
+    """
+    for name, low in bounds.items():
+        value = getattr(obj, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{where}.{name}: {value} is below its minimum {low:g}")
 
 
 # Trackers `train.report_to` may name: name -> (module to find, how to install it); ftlab.trackers writes to them.

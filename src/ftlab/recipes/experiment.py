@@ -34,9 +34,10 @@ import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from ftlab.config import ConfigError, MethodConfig, TrainConfig, from_dict, load_config, to_dict
+from ftlab.config import ConfigError, MethodConfig, TrainConfig, at_least, from_dict, load_config, to_dict
 
 
 @dataclass
@@ -133,6 +134,16 @@ def validate(cfg: ExperimentConfig) -> None:
                 raise ConfigError(f"stages.{stage.name}: no stage named {ref[6:]!r} to replay or mix")
     if not 0.5 <= cfg.eval.confidence < 1:
         raise ConfigError(f"eval.confidence: {cfg.eval.confidence} is not in [0.5, 1)")
+    at_least("eval", cfg.eval, batch_size=1, limit=1)
+    for key in ("limits", "max_new_tokens"):
+        at_least(f"eval.{key}", SimpleNamespace(**getattr(cfg.eval, key)), **dict.fromkeys(getattr(cfg.eval, key), 1))
+    for stage in cfg.stages:
+        at_least(f"stages.{stage.name}", stage, max_length=1, limit=1)
+        for key in ("mix", "replay"):
+            for ref, value in getattr(stage, key).items():
+                if not isinstance(value, (int, float)) or value < 0 or (key == "replay" and value > 1):
+                    bound = "in [0, 1]" if key == "replay" else ">= 0"
+                    raise ConfigError(f"stages.{stage.name}.{key}.{ref}: {value!r} is not a number {bound}")
     targets, retained = all_suites(cfg)
     for key in ("limits", "scorers", "max_new_tokens"):
         unknown = sorted(set(getattr(cfg.eval, key)) - set(targets + retained))
