@@ -6,9 +6,11 @@ its natural position whatever the model does with ``position_ids``.
 
 * Multiple choice (lm-evaluation-harness style): for each option, the summed log-probability of the continuation
   ``" " + option`` after the context. ``choice`` picks the highest sum; ``choice_norm`` divides the sum by the
-  option's length in UTF-8 bytes first (lm-eval's ``acc_norm``). Context and continuation are tokenised separately
-  and concatenated, so the continuation tokens are exactly the option's. No chat template is used. Items whose
-  options are all single tokens (MMLU's letters) are scored from one forward of the context.
+  byte length of the continuation ``" " + option`` first. lm-eval's ``acc_norm`` divides by the option's length in
+  characters without the space; on the first 200 ARC-Easy test items of the embedded model the two pick differently
+  on 4 items (ftlab 0.485, lm-eval 0.465; ``acc`` agrees on every item, 0.510). Context and continuation are
+  tokenised separately and concatenated, so the continuation tokens are exactly the option's. No chat template is
+  used. Items whose options are all single tokens (MMLU's letters) are scored from one forward of the context.
 * Perplexity: each text is tokenised with the tokenizer's default special tokens and cut into windows of at most
   ``max_length`` tokens; each window after the first starts with the previous window's last token as context, so
   every token but the very first is scored exactly once. Corpus perplexity is ``exp(sum NLL / sum tokens)``.
