@@ -20,9 +20,11 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
+
+from ftlab.errors import InputError
 
 SCHEMA_VERSION = 1
 
@@ -74,6 +76,30 @@ class _NoWrites:
     executemany = execute
 
 
+class StoreError(InputError):
+    """A store path that is not a usable ftlab store (a folder, another file, a newer schema)."""
+
+
+def _check_store_file(path: Path) -> None:
+    """Refuse a path that is a folder or an existing file that is not SQLite, before SQLite touches it."""
+    if path.is_dir():
+        raise StoreError(f"{path}: is a folder, not an ftlab store file")
+    size = path.stat().st_size if path.is_file() else 0
+    if size:
+        with path.open("rb") as fh:
+            head = fh.read(100)
+        if head[:16] != b"SQLite format 3\x00":
+            raise StoreError(f"{path}: not an SQLite file, so not an ftlab store (it was left untouched)")
+        page = int.from_bytes(head[16:18], "big") if len(head) >= 18 else 0
+        page = 65536 if page == 1 else page
+        pages = int.from_bytes(head[28:32], "big") if len(head) >= 32 else 0
+        if len(head) < 100 or size < page * pages:
+            raise StoreError(
+                f"{path}: not a readable ftlab store (the file is cut short: {size} of {page * pages} bytes); "
+                "it was left untouched"
+            )
+
+
 class Store:
     """A handle on one SQLite file; cheap to create, safe to share between processes."""
 
@@ -81,10 +107,15 @@ class Store:
         """Open (and create or migrate) a store; ``read_only`` turns every write into a no-op (non-main processes)."""
         self.path = Path(path) if path else default_store_path()
         self.read_only = read_only
+        _check_store_file(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            self._migrate(con)
+        try:
+            with closing(self._connect()) as con:
+                self._check_schema(con)  # before anything writes: a store ftlab cannot use stays as it was
+                con.execute("PRAGMA journal_mode=WAL")
+                self._migrate(con)
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path}: not a readable ftlab store ({err}); it was left untouched") from None
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -108,14 +139,21 @@ class Store:
         finally:
             con.close()
 
+    def _check_schema(self, con: sqlite3.Connection) -> None:
+        """Refuse (read-only) a newer schema or an SQLite file that holds other tables."""
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: store schema version {version} is newer than this ftlab's ({SCHEMA_VERSION}); "
+                "upgrade ftlab to read it (the store was left untouched)"
+            )
+        if version == 0 and con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StoreError(f"{self.path}: an SQLite file but not an ftlab store (it was left untouched)")
+
     def _migrate(self, con: sqlite3.Connection) -> None:
         con.execute("BEGIN IMMEDIATE")
         try:
             version = con.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path}: schema version {version} is newer than this ftlab ({SCHEMA_VERSION})"
-                )
             for step in MIGRATIONS[version:]:
                 for statement in step.split(";"):
                     if statement.strip():
@@ -128,7 +166,7 @@ class Store:
 
     @property
     def schema_version(self) -> int:
-        with self._connect() as con:
+        with closing(self._connect()) as con:
             return con.execute("PRAGMA user_version").fetchone()[0]
 
     # ------------------------------------------------------------------ writes

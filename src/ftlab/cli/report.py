@@ -44,7 +44,7 @@ def resolve_run(run: str, store_path: Path | None) -> tuple[Any, dict[str, Any]]
         if store_path is None and (folder / "ftlab.db").is_file():
             store_path = folder / "ftlab.db"
     path = store_path or default_store_path()
-    if not Path(path).is_file():
+    if not Path(path).exists():
         fail(f"no store at {path} (pass --store PATH or set $FTLAB_STORE)")
     store = Store(path)
     try:
@@ -111,7 +111,7 @@ def runs_cmd(store: Path | None = typer.Option(None, "--store", help=STORE_HELP)
     from ftlab.store import Store, default_store_path
 
     path = store or default_store_path()
-    if not Path(path).is_file():
+    if not Path(path).exists():
         fail(f"no store at {path} (pass --store PATH or set $FTLAB_STORE)")
     db = Store(path)
     table = Table(title=f"runs in {path}")

@@ -112,6 +112,8 @@ def validate(cfg: ExperimentConfig) -> None:
     from ftlab.methods import method_config
     from ftlab.recipes.trainers import TRAINERS
 
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"out: {cfg.out} is a file; the output folder must be a folder or not exist yet")
     if not cfg.stages:
         raise ConfigError("stages: at least one stage is needed")
     if not cfg.arms:
