@@ -109,21 +109,10 @@ def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple
 def mcnemar_exact(lost: int, gained: int) -> float:
     """Exact two-sided McNemar test: a binomial test of the discordant pairs against a fair coin.
 
-    ``p = min(1, 2 * P(X <= min(lost, gained)))`` with ``X ~ Binomial(lost + gained, 1/2)``.
-
-    Args:
-        lost: items right before and wrong after.
-        gained: items wrong before and right after.
-
-    Returns:
-        The p-value; 1.0 when there are no discordant pairs.
+    ``p = min(1, 2 * P(X <= min(lost, gained)))`` with ``X ~ Binomial(lost + gained, 1/2)``; 1.0 when there are no
+    discordant pairs (``lost``: right before, wrong after; ``gained``: the reverse).
     """
-    m = lost + gained
-    if m == 0:
-        return 1.0
-    k = min(lost, gained)
-    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2**m
-    return min(1.0, 2 * tail)
+    return _mcnemar(lost, gained, observed_weight=1.0)
 
 
 def mcnemar_midp(lost: int, gained: int) -> float:
@@ -132,21 +121,19 @@ def mcnemar_midp(lost: int, gained: int) -> float:
     ``p = 2 * (P(X <= k) - P(X = k) / 2)`` with ``k = min(lost, gained)`` and ``X ~ Binomial(lost + gained, 1/2)``.
     The exact test is conservative (its real level sits well under the nominal one for the small discordant counts
     of a suite); the mid-p version keeps close to the nominal level and agrees with Newcombe's interval far more
-    often (Fagerland, Lydersen and Laake, BMC Med. Res. Methodol. 13:91, 2013, recommend it).
-
-    Args:
-        lost: items right before and wrong after.
-        gained: items wrong before and right after.
-
-    Returns:
-        The p-value; 1.0 when there are no discordant pairs.
+    often (Fagerland, Lydersen and Laake, BMC Med. Res. Methodol. 13:91, 2013, recommend it). 1.0 when there are no
+    discordant pairs.
     """
+    return _mcnemar(lost, gained, observed_weight=0.5)
+
+
+def _mcnemar(lost: int, gained: int, observed_weight: float) -> float:
     m = lost + gained
     if m == 0:
         return 1.0
     k = min(lost, gained)
-    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2**m
-    return min(1.0, 2 * (tail - math.comb(m, k) / 2 ** (m + 1)))
+    below = sum(math.comb(m, i) for i in range(k)) / 2**m
+    return min(1.0, 2 * (below + observed_weight * math.comb(m, k) / 2**m))
 
 
 def _newcombe_paired(both: int, lost: int, gained: int, neither: int, confidence: float) -> tuple[float, float]:
