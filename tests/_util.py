@@ -51,3 +51,32 @@ def assert_lora_base_bit_identical(before: dict, result) -> set[str]:
     moved = changed_keys(before, state_dict_fp32(result.final_model()))
     assert not {k for k in moved if "norm" in k or "embed" in k or "lm_head" in k}
     return moved
+
+
+def layer_inputs(model, ids, mask=None):
+    """``(embeddings, layer keyword arguments)`` to call a Llama's decoder layers directly on ``ids``, as its own
+    forward does (causal mask, positions, rotary embeddings); for tests that rebuild a forward pass block by block."""
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    inner = model.model
+    with torch.no_grad():
+        x = inner.embed_tokens(ids)
+        pos = torch.arange(ids.shape[1])[None]
+        causal = create_causal_mask(
+            config=inner.config, inputs_embeds=x, attention_mask=mask, cache=None, position_ids=pos
+        )
+    return x, {"attention_mask": causal, "position_ids": pos, "position_embeddings": inner.rotary_emb(x, pos)}
+
+
+def spy_kwargs(monkeypatch, owner, name: str) -> dict:
+    """Wrap ``owner.name`` (a class or function) so every call's keyword arguments land in the returned dict."""
+    seen: dict = {}
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return seen

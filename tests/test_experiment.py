@@ -221,7 +221,7 @@ def test_demo_config_has_every_method_and_a_repair_sweep():
 
 
 def test_repair_line_names_the_point_that_wins_back_the_worst_suite():
-    from ftlab.report.summary import repair_lines
+    from ftlab.report.digest import repair_lines
 
     def arm(gain, **retained):
         return {"target_gain": gain, "retained": retained}

@@ -12,8 +12,8 @@ from test_report import make_run
 from typer.testing import CliRunner
 
 from ftlab.cli import app
+from ftlab.report.digest import build_summary
 from ftlab.report.export import COLUMNS
-from ftlab.report.summary import build_summary
 from ftlab.store import Store
 
 runner = CliRunner()
@@ -33,7 +33,10 @@ def store(tmp_path):
 def expected_rows(summary: dict) -> dict[tuple[str, str], dict]:
     """(arm, suite) -> the figures the exports must show, read straight from the build_summary dict."""
     roles = {s: e["role"] for arm in reversed(summary["arms"].values()) for s, e in arm["suites"].items()}
-    out = {("base", s): {"kind": "base", "role": roles[s], "score": v} for s, v in summary["base"].items()}
+    out = {
+        ("base", s): {"kind": "base", "role": roles[s], "score": v, **summary["base_noise"][s]}
+        for s, v in summary["base"].items()
+    }
     for name, arm in summary["arms"].items():
         for suite, e in arm["suites"].items():
             lo, hi = e["ci"] or (None, None)

@@ -8,7 +8,7 @@ from test_report import Item, Result
 from typer.testing import CliRunner
 
 from ftlab.cli import app
-from ftlab.report.summary import build_summary, repair_lines
+from ftlab.report.digest import build_summary, repair_lines
 from ftlab.store import Store
 
 

@@ -134,8 +134,9 @@ def test_replay_of_an_unknown_stage_fails_before_anything_is_written(tmp_path):
 def test_a_lower_is_better_target_reads_the_same_in_summary_table_report_and_compare(tmp_path):
     """Target = perplexity (lower is better): 10 -> 5 is a gain of +5 everywhere (the old run summary said -5)."""
     from ftlab.cli.train import print_table
+    from ftlab.report.digest import build_summary, compare_rows
     from ftlab.report.html import render_report
-    from ftlab.report.summary import build_summary, compare_rows, load_summary
+    from ftlab.report.summary import load_summary
 
     store = Store(tmp_path / "s.db")
     config = {"name": "ppl", "stages": [{"name": "a", "targets": ["/data/ppl.txt"]}], "retained": ["r1"],
@@ -166,7 +167,7 @@ def test_a_lower_is_better_target_reads_the_same_in_summary_table_report_and_com
 
 def test_summary_json_is_the_report_summary(tmp_path):
     """What `ftlab run` writes is exactly what the report builder computes from the store."""
-    from ftlab.report.summary import build_summary
+    from ftlab.report.digest import build_summary
 
     store = Store(tmp_path / "s.db")
     make_run(store, "r2", tmp_path / "o")

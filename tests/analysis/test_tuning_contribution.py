@@ -53,16 +53,11 @@ def test_tuco_per_layer_and_overall_match_algorithm_1(models):
 def _components_by_hand(base, tuned, ids):
     """Per block, PTC_l = f_PT(x_l) and FTC_l = f_FT(x_l) − f_PT(x_l) on the tuned model's own trajectory x_l, with
     the decoder layers called directly (one unpadded sequence)."""
-    from transformers.masking_utils import create_causal_mask
+    from _util import layer_inputs
 
     inner = tuned.model
+    x, kw = layer_inputs(tuned, ids)
     with torch.no_grad():
-        x = inner.embed_tokens(ids)
-        pos = torch.arange(ids.shape[1])[None]
-        causal = create_causal_mask(
-            config=inner.config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos
-        )
-        kw = {"attention_mask": causal, "position_ids": pos, "position_embeddings": inner.rotary_emb(x, pos)}
         ptc, ftc = [], []
         for layer_pt, layer_ft in zip(base.model.layers, inner.layers, strict=True):
             out_pt, out_ft = layer_pt(x, **kw), layer_ft(x, **kw)

@@ -66,16 +66,11 @@ def _scaled_by_hand(base, tuned, ids, mask, alpha):
 
     Returns (input of every block after the first, then the input of the final norm; logits), real positions only.
     """
-    from transformers.masking_utils import create_causal_mask
+    from _util import layer_inputs
 
     inner = tuned.model
+    x, kw = layer_inputs(tuned, ids, mask)
     with torch.no_grad():
-        x = inner.embed_tokens(ids)
-        pos = torch.arange(ids.shape[1])[None]
-        causal = create_causal_mask(
-            config=inner.config, inputs_embeds=x, attention_mask=mask, cache=None, position_ids=pos
-        )
-        kw = {"attention_mask": causal, "position_ids": pos, "position_embeddings": inner.rotary_emb(x, pos)}
         states = []
         for layer_pt, layer_ft in zip(base.model.layers, inner.layers, strict=True):
             out_pt, out_ft = layer_pt(x, **kw), layer_ft(x, **kw)

@@ -127,16 +127,11 @@ def test_edit_tuco_and_eft_generate(saved):
 def test_edit_eft_gives_the_bases_their_own_prompt_format(saved, monkeypatch, base_format):
     """`--base-format plain` feeds both base models plain text and the fine-tune its chat template; without it every
     model reads the same chat-templated prompt (and the generations differ between the two)."""
+    from _util import spy_kwargs
+
     from ftlab import edits
 
-    seen = {}
-    real = edits.EFTModel
-
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(edits, "EFTModel", spy)
+    seen = spy_kwargs(monkeypatch, edits, "EFTModel")
     root = saved[0]
     args = ["edit", "eft", "--large-base", str(root / "tuned"), "--small-tuned", str(root / "tuned")]
     args += ["--small-base", str(root / "base"), "--prompt", "Hi", "--max-new-tokens", "4", "--json"]

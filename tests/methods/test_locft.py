@@ -138,14 +138,9 @@ def test_sft_backpropagates_the_per_sample_average(monkeypatch, tiny_data, tmp_p
     got = plan.compute_loss_func(SimpleNamespace(logits=logits), labels)
     assert got == pytest.approx(float(locft.sample_mean_loss(logits, labels)) / 2, rel=1e-6)
     assert abs(float(got) - float(token_mean) / 2) > 1e-3
-    seen = {}
-    real = sft.SFTTrainer
+    from _util import spy_kwargs
 
-    def spy(*args, **kwargs):
-        seen.update(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sft, "SFTTrainer", spy)
+    seen = spy_kwargs(monkeypatch, sft, "SFTTrainer")
     train = TrainConfig(lr=1e-3, max_steps=1, batch_size=4)
     sft.train_sft(tiny_model(), tiny_tokenizer(), tiny_data, MethodConfig("locft"), train, tmp_path)
     assert seen["compute_loss_func"] is not None

@@ -83,8 +83,8 @@ def report_cmd(
         fail(f"unknown --format {fmt!r}; choose from {', '.join(REPORT_FORMATS)}")
     db, row = resolve_run(run, store)
     if fmt != "html":
+        from ftlab.report.digest import build_summary
         from ftlab.report.export import export_summary
-        from ftlab.report.summary import build_summary
 
         text = export_summary(build_summary(db, row["run_id"]), fmt)
         if out is None:
@@ -139,7 +139,8 @@ def compare_cmd(
     """
     from rich.table import Table
 
-    from ftlab.report.summary import compare_rows, load_summary
+    from ftlab.report.digest import compare_rows
+    from ftlab.report.summary import load_summary
 
     if len(runs) < 2:
         fail("compare needs two or more runs")

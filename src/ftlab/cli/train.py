@@ -77,7 +77,7 @@ def print_table(summary: dict[str, Any], file: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ftlab.report.summary import repair_lines
+    from ftlab.report.digest import repair_lines
 
     table = Table(title=f"run {summary['run_id']}: target gain vs retained (1.0 = unchanged)")
     arms = summary["arms"]

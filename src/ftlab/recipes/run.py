@@ -8,7 +8,7 @@ writes the store, saves models and runs repair sweeps while the others wait at a
 across processes, so a long evaluation can outlast the process group's timeout (30 minutes by default); raise it
 with accelerate's settings for long suites.
 
-The summary (``summary.json``) comes from ``ftlab.report.summary.build_summary``, the one builder that the printed
+The summary (``summary.json``) comes from ``ftlab.report.digest.build_summary``, the one builder that the printed
 table, the HTML report and ``ftlab compare`` also read.
 """
 
@@ -235,10 +235,10 @@ def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[st
         store: the store to write (default: ``Store()``, i.e. ``$FTLAB_STORE`` or ``~/.local/share/ftlab``).
 
     Returns:
-        The summary dict (see ``ftlab.report.summary.build_summary``).
+        The summary dict (see ``ftlab.report.digest.build_summary``).
     """
     from ftlab.config import to_dict
-    from ftlab.report.summary import build_summary
+    from ftlab.report.digest import build_summary
 
     torch.manual_seed(cfg.seed)
     ranks = process_state()

@@ -2,6 +2,7 @@
 
 - ``summary.py``: the run's store rows as plain tables (scores per stage, gain, retained ratios, Pareto front,
   accuracy matrix, worst-forgotten items);
+- ``digest.py``: the plain summary dict (``summary.json``, the printed table), repair lines, run comparison;
 - ``plots.py``: pure functions from those rows to matplotlib figures;
 - ``html.py``: the page (``render_report``);
 - ``export.py``: the summary as CSV, a Markdown table or JSON (``export_summary``, ``summary_rows``).
@@ -22,9 +23,9 @@ _LAZY = {
     "load_summary": "ftlab.report.summary",
     "pareto_front": "ftlab.report.summary",
     "render_report": "ftlab.report.html",
-    "build_summary": "ftlab.report.summary",
-    "compare_rows": "ftlab.report.summary",
-    "repair_lines": "ftlab.report.summary",
+    "build_summary": "ftlab.report.digest",
+    "compare_rows": "ftlab.report.digest",
+    "repair_lines": "ftlab.report.digest",
     "export_summary": "ftlab.report.export",
     "summary_rows": "ftlab.report.export",
 }

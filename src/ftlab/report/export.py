@@ -1,6 +1,6 @@
 """A run's figures as text for other tools: CSV, a Markdown table or JSON (``ftlab report RUN --format ...``).
 
-Every export is read from the one summary builder's dict (``ftlab.report.summary.build_summary``); nothing here
+Every export is read from the one summary builder's dict (``ftlab.report.digest.build_summary``); nothing here
 computes a figure. JSON is that dict as it stands (what ``summary.json`` holds). CSV and Markdown are one tidy table:
 
 - one row per (arm, suite): first the base model's scores (arm ``base``), then every arm in the summary's order
@@ -49,8 +49,9 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for arm in arms.values():
         for suite, entry in arm.get("suites", {}).items():
             roles.setdefault(suite, entry.get("role"))
+    noise = summary.get("base_noise", {})
     rows = [
-        _row(arm="base", kind="base", suite=suite, role=roles.get(suite), score=score)
+        _row(arm="base", kind="base", suite=suite, role=roles.get(suite), score=score, **noise.get(suite, {}))
         for suite, score in summary.get("base", {}).items()
     ]
     for name, arm in arms.items():
