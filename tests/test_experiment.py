@@ -14,7 +14,7 @@ from _util import write_jsonl
 
 from ftlab.recipes.experiment import load_experiment, sweep_points
 from ftlab.recipes.run import run_experiment
-from ftlab.store import Store
+from ftlab.store import SCHEMA_VERSION, Store
 
 TEXT = "The river runs to the sea. The sea is wide and blue. Boats sail on the sea every day.\n" * 3
 
@@ -117,7 +117,7 @@ def test_summary_figures_and_repair_identities(tmp_path):
     assert "matrix" in full and len(full["matrix"]["R"]) == 3 and set(full["continual"]) >= {"acc", "bwt", "fwt"}
     R = full["matrix"]["R"]
     assert full["continual"]["acc"] == pytest.approx((R[2][0] + R[2][1]) / 2)
-    assert (tmp_path / "o" / "arms" / "lora" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "o" / "arms" / "lora" / "model" / "adapter_model.safetensors").exists()  # LoRA: the adapter
 
 
 def test_deleted_output_folder_means_a_fresh_run(tmp_path):
@@ -190,7 +190,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         t.join()
     st = Store(db)
     assert st.count("results", "r") == 160 and st.count("items", "r") == 160
-    assert st.schema_version == 1
+    assert st.schema_version == SCHEMA_VERSION
 
 
 def test_sweep_points_and_validation(tmp_path):
@@ -211,7 +211,7 @@ def test_demo_config_has_every_method_and_a_repair_sweep():
     from ftlab.recipes.demo import demo_config
     from ftlab.recipes.experiment import validate
 
-    cfg = demo_config("out/x")
+    cfg = demo_config("out/x", all_methods=True)  # `ftlab demo --all`; the default's arms: tests/test_speed_switches.py
     validate(cfg)
     assert [a.method.name for a in cfg.arms] == list(METHODS)
     full = next(a for a in cfg.arms if a.name == "full")

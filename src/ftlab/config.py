@@ -3,6 +3,8 @@
 A run config looks like::
 
     model: smollm2-135m-instruct        # HF id, local folder, or the embedded default
+    load: {dtype: bf16}                 # how to load it: dtype, device_map, attn_implementation, revision,
+                                        # trust_remote_code, quantization (ftlab.loading.ModelSettings)
     data:
       train: data/train.jsonl           # JSONL/CSV/parquet/arrow file, built-in or hub data set name
     method:
@@ -30,12 +32,17 @@ from typing import Any, TypeVar
 import yaml
 
 from ftlab.errors import InputError
+from ftlab.loading import ModelSettings
 
 T = TypeVar("T")
 
 
 class ConfigError(InputError):
     """A config value is missing, unknown or of the wrong type; the message names the field."""
+
+
+# ftlab.data.records.FORMATS and "auto", listed here so that checking a config does not import the data package
+DATA_FORMATS = ("auto", "chat", "completion", "preference", "verifiable")
 
 
 @dataclass
@@ -48,9 +55,12 @@ class DataConfig:
     truncate: bool = False  # cut over-long records instead of failing
     limit: int | None = None  # use only the first N records
     validation: float | str | None = None  # held-out fraction of the records (0.1), or a validation data source
+    context_indicator: bool = False  # mark context-dependent prompts (ftlab.data.context)
 
     def __post_init__(self) -> None:
         at_least("data", self, max_length=1, limit=1)
+        if self.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format: {self.format!r} is not one of {', '.join(DATA_FORMATS)}")
         if isinstance(self.validation, float) and not 0.0 < self.validation < 1.0:
             raise ConfigError(f"data.validation: the fraction {self.validation} is not in (0, 1)")
 
@@ -76,8 +86,10 @@ class TrainConfig:
     seed: int = 0
     logging_steps: int = 5
     save_steps: int = 0  # checkpoint every N steps (0: only at the end); used for resume
-    bf16: bool = False
+    bf16: bool | str = "auto"  # bfloat16 autocast: true, false, or auto (on with native bf16; docs/speed.md)
+    group_by_length: bool = True  # batch records of similar length together (less padding; docs/speed.md)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower steps
+    memory_check: bool = True  # refuse to train when the memory plan (ftlab.memory) exceeds the device
     report_to: list[str] = field(default_factory=list)  # tensorboard, mlflow, wandb, trackio (ftlab.trackers)
     run_name: str = ""  # tracker run name (ftlab run: its prefix); default: the output folder's name
     logging_dir: str = ""  # tensorboard folder; default: <output>/tb
@@ -86,14 +98,18 @@ class TrainConfig:
         at_least(
             "train", self, batch_size=1, grad_accum=1, logging_steps=1, save_steps=0, weight_decay=0, max_grad_norm=0
         )
-        if self.lr <= 0 or self.epochs <= 0:
-            raise ConfigError(f"train.{'lr' if self.lr <= 0 else 'epochs'}: must be > 0")
+        for name in ("lr", "epochs"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):  # also refuses NaN
+                raise ConfigError(f"train.{name}: {value} must be a finite number > 0")
         if self.max_steps != -1 and self.max_steps < 1:
             raise ConfigError(f"train.max_steps: {self.max_steps} is neither -1 (train by epochs) nor >= 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio: {self.warmup_ratio} is not in [0, 1)")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"train.scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.bf16 not in (True, False, "auto"):
+            raise ConfigError(f"train.bf16: {self.bf16!r} is not true, false or auto")
         check_trackers(self.report_to)
 
 
@@ -114,7 +130,7 @@ def at_least(where: str, obj: Any, **bounds: float) -> None:
     """
     for name, low in bounds.items():
         value = getattr(obj, name)
-        if value is not None and value < low:
+        if value is not None and not value >= low:  # `not >=` also refuses NaN
             raise ConfigError(f"{where}.{name}: {value} is below its minimum {low:g}")
 
 
@@ -155,6 +171,7 @@ class OutputConfig:
 @dataclass
 class RunConfig:
     model: str = "smollm2-135m-instruct"
+    load: ModelSettings = field(default_factory=ModelSettings)  # dtype, device_map, quantization, ... (loading.py)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -177,7 +194,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -232,7 +249,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(f"override {item!r}: {key.strip()!r} is not a key path like train.lr")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -248,13 +270,27 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such config file")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {err.start + 1} of the file)") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{at}: invalid YAML ({_yaml_problem(err)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line of a YAML error: its problem and where (``expected ',' or ']' at line 3, column 5``)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -11,12 +11,20 @@ Tables (one row each):
 
 Writers use short transactions with a busy timeout, and every insert is keyed so that a resumed or repeated write
 replaces its row instead of duplicating it; two processes can write the same store at once.
+
+Crash safety and concurrency: the file is in WAL mode, so readers (``ftlab runs``, ``ftlab report``) never wait for
+a writer and never see half of a transaction. Every write is one ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction (a
+result and all its items together), taken under a 60 s busy timeout and retried while another process holds the
+lock, so "database is locked" does not reach the user. A process killed inside a transaction leaves nothing of it.
+A full disk becomes one line (``DiskFullError``) and the transaction is rolled back. A stage whose loss became NaN is
+stored as a ``failed`` stage row with its message in ``error`` (schema 2), and its run as ``failed``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -24,9 +32,12 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+from ftlab import faults
+from ftlab.atomic import disk_full, is_disk_full
 from ftlab.errors import InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+BUSY_TIMEOUT_S = 60
 
 # MIGRATIONS[i] takes the schema from version i to i + 1; append, never edit, when the schema changes.
 MIGRATIONS: list[str] = [
@@ -55,6 +66,11 @@ MIGRATIONS: list[str] = [
     CREATE TABLE artifacts (
         run_id TEXT, arm TEXT, kind TEXT, path TEXT, PRIMARY KEY (run_id, arm, kind)
     );
+    """,
+    # 2: the one-line message of a failed stage (NaN loss) and of a failed run
+    """
+    ALTER TABLE runs ADD COLUMN error TEXT;
+    ALTER TABLE stages ADD COLUMN error TEXT;
     """,
 ]
 
@@ -112,29 +128,46 @@ class Store:
         try:
             with closing(self._connect()) as con:
                 self._check_schema(con)  # before anything writes: a store ftlab cannot use stays as it was
-                con.execute("PRAGMA journal_mode=WAL")
-                self._migrate(con)
+                if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    _retry(lambda: con.execute("PRAGMA journal_mode=WAL"))
+                if con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    self._migrate(con)
+        except sqlite3.OperationalError as err:
+            if is_disk_full(err):
+                raise disk_full(self.path, err) from None
+            if "locked" in str(err) or "busy" in str(err):
+                raise StoreError(f"{self.path}: another process held the store for over {BUSY_TIMEOUT_S} s; "
+                                 "try again") from None  # fmt: skip
+            raise StoreError(f"{self.path}: not a readable ftlab store ({err}); it was left untouched") from None
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{self.path}: not a readable ftlab store ({err}); it was left untouched") from None
 
     def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         con.row_factory = sqlite3.Row
-        con.execute("PRAGMA busy_timeout=60000")
+        con.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
         return con
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection | _NoWrites]:
+        """One short write transaction: all of it is stored, or (killed, full disk, an error) none of it."""
         if self.read_only:
             yield _NoWrites()
             return
         con = self._connect()
         try:
-            con.execute("BEGIN IMMEDIATE")
-            yield con
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
+            _retry(lambda: con.execute("BEGIN IMMEDIATE"))
+            try:
+                yield con
+                faults.point("store")
+                _retry(lambda: con.execute("COMMIT"))
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as err:
+            if is_disk_full(err):
+                raise disk_full(self.path, err) from None
             raise
         finally:
             con.close()
@@ -151,9 +184,9 @@ class Store:
             raise StoreError(f"{self.path}: an SQLite file but not an ftlab store (it was left untouched)")
 
     def _migrate(self, con: sqlite3.Connection) -> None:
-        con.execute("BEGIN IMMEDIATE")
+        _retry(lambda: con.execute("BEGIN IMMEDIATE"))
         try:
-            version = con.execute("PRAGMA user_version").fetchone()[0]
+            version = con.execute("PRAGMA user_version").fetchone()[0]  # again: another process may have migrated
             for step in MIGRATIONS[version:]:
                 for statement in step.split(";"):
                     if statement.strip():
@@ -176,7 +209,7 @@ class Store:
             con.execute(
                 "INSERT INTO runs (run_id, name, out_dir, config, created, status, git_sha, versions, seed) "
                 "VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?) "
-                "ON CONFLICT(run_id) DO UPDATE SET status='running'",
+                "ON CONFLICT(run_id) DO UPDATE SET status='running', error=NULL",
                 (run_id, name, out_dir, json.dumps(config), time.time(), git_sha, json.dumps(versions), seed),
             )
 
@@ -186,14 +219,32 @@ class Store:
             for table in ("items", "results", "artifacts", "stages", "arms", "runs"):
                 con.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
 
-    def finish_run(self, run_id: str, status: str = "done") -> None:
+    def finish_run(self, run_id: str, status: str = "done", error: str | None = None) -> None:
+        """Mark a run ``done`` (or ``failed``, with its one-line ``error``)."""
         with self._tx() as con:
-            con.execute("UPDATE runs SET status=?, finished=? WHERE run_id=?", (status, time.time(), run_id))
+            con.execute(
+                "UPDATE runs SET status=?, finished=?, error=? WHERE run_id=?", (status, time.time(), error, run_id)
+            )
+
+    def fail_stage(self, run_id: str, arm: str, stage: int, name: str, error: str, steps: int | None = None) -> None:
+        """Record a stage that stopped (NaN loss): a ``failed`` stage row with its message, and the run ``failed``."""
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO stages (run_id, arm, stage, name, status, steps, error, finished) "
+                "VALUES (?, ?, ?, ?, 'failed', ?, ?, ?)",
+                (run_id, arm, stage, name, steps, error, time.time()),
+            )
+            con.execute(
+                "UPDATE runs SET status='failed', finished=?, error=? WHERE run_id=?", (time.time(), error, run_id)
+            )
+
+    def failed_stages(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM stages WHERE run_id=? AND status='failed' ORDER BY arm, stage", (run_id,))
 
     def add_arm(self, run_id: str, arm: str, kind: str, method: str, parent: str | None, config: dict) -> None:
         with self._tx() as con:
             con.execute(
-                "INSERT OR REPLACE INTO arms VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO arms (run_id, arm, kind, method, parent, config) VALUES (?, ?, ?, ?, ?, ?)",
                 (run_id, arm, kind, method, parent, json.dumps(config)),
             )
 
@@ -202,7 +253,9 @@ class Store:
         info = json.dumps(fields.get("info", {}), default=str)
         with self._tx() as con:
             con.execute(
-                "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO stages (run_id, arm, stage, name, status, train_seconds, trainable_params, "
+                "optimizer_state_bytes, steps, model_path, info, finished) "
+                "VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id, arm, stage, name, fields.get("train_seconds"), fields.get("trainable_params"),
                     fields.get("optimizer_state_bytes"), fields.get("steps"), fields.get("model_path"), info,
@@ -214,7 +267,8 @@ class Store:
         """Store a SuiteResult and its items in one transaction (replacing an earlier copy)."""
         with self._tx() as con:
             con.execute(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO results (run_id, arm, stage, suite, role, metric, score, n, stderr, "
+                "higher_is_better) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id, arm, stage, result.suite, role, result.metric, float(result.score), result.n,
                     float(result.stderr), int(result.higher_is_better),
@@ -225,7 +279,8 @@ class Store:
                 (run_id, arm, stage, result.suite),
             )
             con.executemany(
-                "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO items (run_id, arm, stage, suite, item_id, prompt, output, reference, score) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         run_id,
@@ -244,13 +299,17 @@ class Store:
 
     def add_artifact(self, run_id: str, arm: str, kind: str, path: str) -> None:
         with self._tx() as con:
-            con.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?)", (run_id, arm, kind, str(path)))
+            con.execute(
+                "INSERT OR REPLACE INTO artifacts (run_id, arm, kind, path) VALUES (?, ?, ?, ?)",
+                (run_id, arm, kind, str(path)),
+            )
 
     # ------------------------------------------------------------------ reads
     def _rows(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        """One read, in one implicit transaction: a consistent snapshot (WAL), never half of another's write."""
         con = self._connect()
         try:
-            return [dict(r) for r in con.execute(sql, args).fetchall()]
+            return _retry(lambda: [dict(r) for r in con.execute(sql, args).fetchall()])
         finally:
             con.close()
 
@@ -307,3 +366,17 @@ class Store:
         if table not in ("arms", "stages", "results", "items", "artifacts"):
             raise ValueError(table)
         return self._rows(f"SELECT COUNT(*) AS n FROM {table} WHERE run_id=?", (run_id,))[0]["n"]
+
+
+def _retry(do: Any, attempts: int = 8) -> Any:
+    """Run ``do()``, retrying with a short random backoff while SQLite says the database is locked or busy (the busy
+    timeout covers most waits; this covers the few cases SQLite reports without waiting, such as a lock upgrade)."""
+    for attempt in range(attempts):
+        try:
+            return do()
+        except sqlite3.OperationalError as err:
+            text = str(err).lower()
+            if attempt == attempts - 1 or ("locked" not in text and "busy" not in text):
+                raise
+            time.sleep(0.05 * (attempt + 1) + random.random() * 0.05)
+    return None

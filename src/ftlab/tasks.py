@@ -6,7 +6,9 @@ One module for the tasks that serve both as training data (``ftlab.data``) and a
 - ``fictional-capitals``: the demo's target task (``fictional_capitals``, ``fictional_capitals_train_records``);
 - ``arithmetic``: the retained arithmetic suite (``arithmetic_items``);
 - ``arithmetic_task``: single-digit problems as ``verifiable`` records, for GRPO smoke runs
-  (the ``single-digit-addition`` data set).
+  (the ``single-digit-addition`` data set);
+- ``context-awareness``: counterfactual facts stated in a context passage and asked about
+  (``context_awareness_items``), the retained suite of the context-awareness probe.
 
 Generated with ``random.Random`` (stable across Python versions for the calls used here).
 
@@ -211,3 +213,93 @@ def arithmetic_task(
         {"prompt": template.format(a=a, op=op, b=b), "answer": str(OPS[op](a, b)), "reward": "numeric"}
         for a, b in chosen
     ]
+
+
+# ---------------------------------------------------------------- context awareness (counterfactual contexts)
+CONTEXT_SEED = 4242
+# The question frame: the user supplies a passage, then asks about it.
+_CONTEXT_PROMPT = "Context: In this story, {fact}\nQuestion: {question} " + SHORT_ANSWER
+# Relation -> (fact template, question template, "subject=what everyone knows; ..."); a counterfactual answer is
+# another subject's value of the same relation, drawn with CONTEXT_SEED.
+_CONTEXT_RELATIONS: dict[str, tuple[str, str, str]] = {
+    "capital": (
+        "the capital of {subject} is {value}.",
+        "What is the capital of {subject}?",
+        (
+            "France=Paris; Germany=Berlin; Italy=Rome; Spain=Madrid; Japan=Tokyo; Egypt=Cairo; "
+            "Russia=Moscow; Greece=Athens; Portugal=Lisbon; Austria=Vienna; Poland=Warsaw; Ireland=Dublin; "
+            "Norway=Oslo; Sweden=Stockholm; Kenya=Nairobi; Peru=Lima; Canada=Ottawa; Australia=Canberra; "
+            "China=Beijing; Thailand=Bangkok"
+        ),
+    ),
+    "language": (
+        "people in {subject} speak {value}.",
+        "What language do people in {subject} speak?",
+        (
+            "France=French; Germany=German; Italy=Italian; Japan=Japanese; Russia=Russian; Greece=Greek; "
+            "Poland=Polish; Sweden=Swedish; Turkey=Turkish; China=Chinese; Portugal=Portuguese; "
+            "Finland=Finnish; Hungary=Hungarian; Korea=Korean; the Netherlands=Dutch"
+        ),
+    ),
+    "author": (
+        "{subject} was written by {value}.",
+        "Who wrote {subject}?",
+        (
+            "Hamlet=Shakespeare; Pride and Prejudice=Austen; War and Peace=Tolstoy; Don Quixote=Cervantes; "
+            "Oliver Twist=Dickens; The Odyssey=Homer; Faust=Goethe; Les Miserables=Hugo; Moby-Dick=Melville; "
+            "The Divine Comedy=Dante; Crime and Punishment=Dostoevsky; Frankenstein=Shelley; "
+            "Nineteen Eighty-Four=Orwell; The Old Man and the Sea=Hemingway; "
+            "Adventures of Huckleberry Finn=Twain"
+        ),
+    ),
+    "currency": (
+        "the currency of {subject} is the {value}.",
+        "What is the currency of {subject}?",
+        (
+            "Japan=yen; the United Kingdom=pound; India=rupee; Russia=ruble; Mexico=peso; China=yuan; "
+            "South Korea=won; Switzerland=franc; the United States=dollar; Thailand=baht; South Africa=rand; "
+            "Poland=zloty"
+        ),
+    ),
+}
+
+
+def context_awareness_items(seed: int = CONTEXT_SEED) -> list[dict]:
+    """The ``context-awareness`` suite: a passage states a counterfactual fact, the question asks it.
+
+    Each item's reference is the passage's answer, which contradicts common knowledge ("In this story, the capital
+    of France is Lima."), so a model that answers from memory scores 0 and one that reads the context scores 1.
+    Relations are interleaved (so ``limit=N`` keeps a mix); the counterfactual value of each fact is another
+    subject's value of the same relation, drawn from ``seed``.
+
+    Returns:
+        62 items ``{"id", "prompt", "answer": [value], "common", "context", "context_dependent": True,
+        "relation"}`` for the ``contains`` scorer.
+    """
+    rng = random.Random(seed)
+    per_relation = []
+    for relation, (fact, question, spec) in _CONTEXT_RELATIONS.items():
+        pairs = [tuple(pair.split("=")) for pair in spec.split("; ")]
+        values = [v for _, v in pairs]
+        rows = []
+        for k, (subject, common) in enumerate(pairs):
+            value = rng.choice([v for v in values if v != common])
+            context = "In this story, " + fact.format(subject=subject, value=value)
+            asked = question.format(subject=subject)
+            prompt = _CONTEXT_PROMPT.format(fact=fact.format(subject=subject, value=value), question=asked)
+            rows.append(
+                {
+                    "id": f"ctx-{relation}-{k:03d}",
+                    "prompt": prompt,
+                    "answer": [value],
+                    "common": common,
+                    "context": context,
+                    "context_dependent": True,
+                    "relation": relation,
+                }
+            )
+        per_relation.append(rows)
+    items = []
+    for k in range(max(len(rows) for rows in per_relation)):
+        items += [rows[k] for rows in per_relation if k < len(rows)]
+    return items

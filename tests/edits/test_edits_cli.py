@@ -106,6 +106,14 @@ def test_edit_graft_saves_mask_and_model(saved, completion_file):
     for k in base_sd:
         m = mask.get(k, torch.zeros_like(base_sd[k], dtype=torch.bool))
         assert torch.equal(out[k][m], tuned_sd[k][m]) and torch.equal(out[k][~m], base_sd[k][~m])
+    # the saved mask applied again (streamed, no search) writes the same weights
+    _run(*f"edit graft --base {root / 'base'} --tuned {root / 'tuned'} --mask {root / 'g' / 'graft_mask.safetensors'}"
+         f" --out {root / 'g2'}".split())  # fmt: skip
+    again = load_file(str(root / "g2" / "model.safetensors"))
+    assert json.loads((root / "g2" / "ftlab_edit.json").read_text())["streamed"] is True
+    assert all(torch.equal(again[k], out[k]) for k in again)
+    res = runner.invoke(app, f"edit graft --base {root / 'base'} --tuned {root / 'tuned'} --out {root / 'g3'}".split())
+    assert res.exit_code == 2 and "--data" in res.output
 
 
 def test_edit_tuco_and_eft_generate(saved):

@@ -129,6 +129,21 @@ def test_merge_with_lines_uses_one_over_t_alpha():
         merge(base_sd, [tuned_sd], lam=1.0, lines_beta=0.5)
 
 
+def test_dare_drops_and_rescales_each_task_vector():
+    base_sd, tuned_sd = _pair()
+    k = "model.layers.1.mlp.up_proj.weight"
+    out = merge(base_sd, [tuned_sd], method="dare", density=0.25, seed=1)[k]
+    tau = tuned_sd[k] - base_sd[k]
+    dropped = out == base_sd[k]
+    assert abs(float(dropped.float().mean()) - 0.75) < 0.03  # p = 1 − density of the entries go back to the base
+    torch.testing.assert_close(out[~dropped] - base_sd[k][~dropped], 4 * tau[~dropped], rtol=0, atol=1e-6)
+    again = merge(base_sd, [tuned_sd, tuned_sd], method="dare_ties", density=0.25, seed=1)[k]
+    assert not torch.equal(again, out)  # each fine-tune gets its own drops
+    _, other = _pair(seed=2)
+    assert torch.equal(merge(base_sd, [tuned_sd, other], method="dare", density=1.0)[k],
+                       merge(base_sd, [tuned_sd, other])[k])  # fmt: skip
+
+
 @pytest.mark.parametrize("how", ["random", "smallest", "layers"])
 def test_reset_all_returns_base_and_none_returns_tune(how):
     base_sd, tuned_sd = _pair()
@@ -146,6 +161,9 @@ def test_reset_random_resets_the_requested_share_with_exact_values():
     assert abs(at_base / total - 0.3) < 0.01
     again = apply_edit("reset", base_sd, tuned_sd, fraction=0.3, how="random", seed=5)
     assert _equal(out, again)
+    other = apply_edit("reset", base_sd, tuned_sd, fraction=0.3, how="random", seed=6)
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(out[k] == base_sd[k], other[k] == base_sd[k])  # the seed matters
 
 
 def test_reset_smallest_keeps_the_largest_changes():

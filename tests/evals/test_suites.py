@@ -38,6 +38,7 @@ def test_builtin_sizes_and_scorers():
         "instructions": "rules",
         "general-text": "perplexity",
         "fictional-capitals": "contains",
+        "context-awareness": "contains",
     }
 
 

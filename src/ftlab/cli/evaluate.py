@@ -5,9 +5,13 @@ Example::
     ftlab eval --model smollm2-135m-instruct --suite world-facts --suite /path/ARC-Easy-Dev.jsonl --limit 200 --json
 
 With ``--json`` the last line of stdout is one JSON object ``{"model", "suites": {name: {"metric", "score", "n",
-"stderr"}}}``; progress bars and notes go to stderr. ``--model`` also takes a PEFT adapter folder. A suite
+"stderr"}}}``; progress bars and notes go to stderr. ``--model`` also takes a PEFT adapter folder. ``--dtype bf16``
+(or ``auto``, the checkpoint's own) scores the model in that dtype; ``--quantization``, ``--device-map``, ``--attn``,
+``--revision`` and ``--trust-remote-code`` load it as ``ftlab.loading.ModelSettings`` says. A suite
 ``lm-eval:TASK`` is an lm-evaluation-harness task, group or tag scored through lm-eval (``pip install
-'ftlab[harness]'``); ``--lm-eval-include DIR`` adds a folder of custom task YAMLs.
+'ftlab[harness]'``); ``--lm-eval-include DIR`` adds a folder of custom task YAMLs. ``--conjugate plain``
+(repeatable: ``fewshot``, ``translate``) also scores each generative suite asked in that form, reported as
+``<suite>@<form>`` (``ftlab.evals.conjugate``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,19 @@ import json
 
 import typer
 
-from ftlab.cli.common import EMBEDDED, command, console, fail
+from ftlab.cli.common import (
+    ATTN,
+    DEVICE_MAP,
+    DTYPE,
+    EMBEDDED,
+    QUANTIZATION,
+    REVISION,
+    TRUST_REMOTE_CODE,
+    command,
+    console,
+    fail,
+    load_settings,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -47,18 +63,38 @@ def eval_cmd(
     lm_eval_include: list[str] = typer.Option(
         [], "--lm-eval-include", help="Folder of custom lm-eval task YAMLs for lm-eval:TASK suites; repeatable."
     ),
+    conjugate: list[str] = typer.Option(
+        [], "--conjugate", help="Also ask each generative suite in this form (plain, fewshot, translate); repeatable."
+    ),
+    dtype: str | None = DTYPE,
+    device_map: str | None = DEVICE_MAP,
+    attn: str | None = ATTN,
+    revision: str | None = REVISION,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    quantization: str | None = QUANTIZATION,
 ) -> None:
     """Score a model on evaluation suites."""
     from ftlab.evals.runner import evaluate_many
     from ftlab.evals.suites import load_suite
     from ftlab.models import load_model
 
+    settings = load_settings(dtype, device_map, attn, revision, trust_remote_code, quantization)
     include = lm_eval_include or None
     suites = [load_suite(ref, scorer=scorer, limit=limit, split=split, lm_eval_include=include) for ref in suite]
+    if conjugate:  # each suite asked again farther from a chat fine-tune's prompts (ftlab.evals.conjugate)
+        from ftlab.evals.conjugate import check_forms, conjugate_suite
+
+        check_forms(conjugate, "--conjugate")
+        for s, form in [(s, form) for s in list(suites) for form in conjugate]:
+            rewritten = conjugate_suite(s, form)
+            if rewritten is None:
+                console(stderr=True).print(f"note: the {form} form does not apply to suite {s.name}; skipped")
+            else:
+                suites.append(rewritten)
     names = [s.name for s in suites]
     if len(set(names)) != len(names):
         fail(f"two suites share a name: {names}")
-    lm, tok = load_model(model, base=base)
+    lm, tok = load_model(model, base=base, settings=settings)
     results = evaluate_many(lm, tok, suites, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=True)
     if json_out:
         typer.echo(json.dumps({"model": model, "suites": {name: r.to_dict() for name, r in results.items()}}))

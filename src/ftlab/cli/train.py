@@ -25,11 +25,14 @@ def train(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Fine-tune a model with one method, as a YAML config says; writes the model under output.dir."""
-    from ftlab.config import RunConfig, load_config
+    from ftlab.config import ConfigError, RunConfig, load_config
     from ftlab.recipes.train import run_train
 
     cfg = load_config(RunConfig, config, set_)
-    out, result = run_train(cfg)
+    try:
+        out, result = run_train(cfg)
+    except ConfigError as err:  # a setting checked against the data or the method: name the file it came from
+        raise ConfigError(f"{config}: {err}") from None
     typer.echo(f"trained {result.steps} steps in {result.train_seconds:.1f}s; {result.trainable_params:,} trainable")
     typer.echo(f"saved to {out}")
 
@@ -41,12 +44,19 @@ def run(
     store: Path | None = STORE_OPTION,
 ) -> None:
     """Fine-tune one base with several methods (arms) over one or more stages; evaluate, store, summarise."""
+    from ftlab import distributed
     from ftlab.recipes.experiment import load_experiment
-    from ftlab.recipes.run import process_state, run_experiment
+    from ftlab.recipes.run import preflight, process_state, run_experiment
     from ftlab.store import Store
 
     cfg = load_experiment(experiment, set_ + ([f"out={out}"] if out else []))
-    summary = run_experiment(cfg, Store(store))
+    if cfg.accelerate and not distributed.launched():  # the same command again, under `accelerate launch`
+        args = ["run", str(experiment), *(x for s in set_ for x in ("--set", s))]
+        args += [*(["--out", out] if out else []), *(["--store", str(store)] if store else [])]
+        typer.echo("relaunching: " + " ".join(distributed.relaunch_command(cfg.accelerate, args)), err=True)
+        raise typer.Exit(distributed.relaunch(cfg.accelerate, args))
+    suites = preflight(cfg)  # every suite, stage's data and the base: bad input fails before the store is opened
+    summary = run_experiment(cfg, Store(store), suites=suites)
     if process_state().is_main_process:  # under `accelerate launch` / `torchrun`, print once
         print_table(summary)
         typer.echo(f"summary: {Path(cfg.out) / 'summary.json'}")
@@ -56,14 +66,18 @@ def demo(
     out: str = typer.Option("out/demo", "--out", help="Output folder."),
     steps: int = typer.Option(18, "--steps", min=1, help="Optimizer steps per arm (batch 8)."),
     store: Path | None = STORE_OPTION,
+    all_methods: bool = typer.Option(
+        False, "--all", help="The previous, longer demo: every method, every retained suite, fp32 training."
+    ),
 ) -> None:
-    """The embedded SmolLM2-135M-Instruct learns invented capitals with every method; prints a table and a report."""
+    """The embedded SmolLM2-135M-Instruct learns invented capitals (full, LoRA, HFT), forgets, and a repair sweep wins
+    part of it back; prints a table and a report. ``--all`` runs every method."""
     from ftlab.recipes.demo import demo_config
     from ftlab.recipes.run import run_experiment
     from ftlab.report import render_report
     from ftlab.store import Store
 
-    cfg = demo_config(out, steps)
+    cfg = demo_config(out, steps, all_methods=all_methods)
     st = Store(store)
     summary = run_experiment(cfg, st)
     print_table(summary)

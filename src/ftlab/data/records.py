@@ -162,7 +162,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
     with path.open("rb") as fh:
         for n, raw in enumerate(fh, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}:{n}: not UTF-8 text (byte {err.start + 1} of the line)") from None
             if not line.strip():

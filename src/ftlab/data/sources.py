@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import csv
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,18 +113,9 @@ def hold_out(
 
 
 def _read_table(ref: str, path: Path, split: str) -> Table:
-    import datasets
-
     try:
-        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            data = _split_of(datasets.load_from_disk(str(path)), split, ref)
-        elif path.is_dir():
-            files = [p for p in sorted(path.rglob("*")) if p.suffix in {*READERS, ".jsonl"}]
-            kwargs = _csv_kwargs(files[0]) if files and all(p.suffix == ".csv" for p in files) else {}
-            data = datasets.load_dataset(str(path), split=split, **kwargs)
-        else:
-            kwargs = _csv_kwargs(path) if READERS[path.suffix] == "csv" else {}
-            data = datasets.load_dataset(READERS[path.suffix], data_files=str(path), split=split, **kwargs)
+        with _quiet():
+            data = _load_table(path, split, ref)
     except DataError:
         raise
     except Exception as err:  # datasets' and pyarrow's many read errors: a file the user can fix
@@ -130,14 +123,85 @@ def _read_table(ref: str, path: Path, split: str) -> Table:
     return Table(data, ref)
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars and no logged errors from ``datasets`` while it reads a user's file: a file it cannot read
+    becomes one ``DataError`` line, not a logged traceback followed by the error."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    bars = datasets.is_progress_bar_enabled()
+    level = ds_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    ds_logging.set_verbosity(ds_logging.CRITICAL + 10)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _load_table(path: Path, split: str, ref: str) -> Any:
+    import datasets
+
+    if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        data = _split_of(datasets.load_from_disk(str(path)), split, ref)
+    elif path.is_dir():
+        files = [p for p in sorted(path.rglob("*")) if p.suffix in {*READERS, ".jsonl"}]
+        if not files:
+            raise DataError(f"{ref}: a folder with no data files (.jsonl, {', '.join(READERS)}) in it")
+        csvs = all(p.suffix == ".csv" for p in files)
+        kwargs = [_csv_kwargs(p) for p in files][0] if csvs else {}
+        data = datasets.load_dataset(str(path), split=split, **kwargs)
+    else:
+        kwargs = _csv_kwargs(path) if READERS[path.suffix] == "csv" else {}
+        data = datasets.load_dataset(READERS[path.suffix], data_files=str(path), split=split, **kwargs)
+    return data
+
+
 def _csv_kwargs(path: Path) -> dict[str, Any]:
     """Read every column of a CSV/TSV file as text (the header names them; an empty cell is ``""``)."""
     from datasets import Features, Value
 
     sep = "\t" if path.suffix == ".tsv" else ","
-    with path.open(newline="", encoding="utf-8") as fh:
-        header = next(csv.reader(fh, delimiter=sep), [])
+    header = _check_csv(path, sep)
     return {"sep": sep, "na_filter": False, "features": Features({name: Value("string") for name in header})}
+
+
+def _check_csv(path: Path, sep: str) -> list[str]:
+    """The header of a CSV/TSV file, after checking the whole file: UTF-8 text (a byte-order mark is allowed), a
+    header of distinct names, at least one row, and as many cells in every row as the header has names.
+
+    Raises:
+        DataError: naming the file and the row (``file:row N``, the N-th row after the header).
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = csv.reader(fh, delimiter=sep)
+            header = next(rows, [])
+            if not any(name.strip() for name in header):
+                raise DataError(f"{path}: the file is empty (no header row naming the columns)")
+            if len(set(header)) != len(header):
+                twice = sorted({n for n in header if header.count(n) > 1})
+                raise DataError(f"{path}: the header names column {twice[0]!r} twice")
+            n = 0
+            for cells in rows:
+                if not cells:
+                    continue  # a blank line
+                n += 1
+                if len(cells) != len(header):
+                    raise DataError(
+                        f"{path}:row {n}: {len(cells)} cells, but the header names {len(header)} columns "
+                        f"({', '.join(header)})"
+                    )
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start + 1} of the file)") from None
+    except csv.Error as err:
+        raise DataError(f"{path}: not a readable CSV file ({err})") from None
+    if not n:
+        raise DataError(f"{path}: the file is empty (a header and no rows)")
+    return header
 
 
 def _split_of(data: Any, split: str, ref: str) -> Any:

@@ -1,7 +1,8 @@
 """Post-hoc repairs of a fine-tune: weight edits as pure functions on state dicts, and decode-time composites.
 
 ``EDITS`` is the registry of repairs, one ``Edit`` entry each. Weight edits map ``(base_sd, tuned_sd, **settings)`` to
-a new state dict of fp32 tensors:
+a new state dict of fp32 tensors; each is written as statistics passes plus an elementwise step over row chunks
+(``chunks.py``), so ``stream.py`` runs the same code over safetensors shards on disk (``ftlab edit``):
 ``scale`` (interpolate / extrapolate the delta), ``lines`` (LiNeS layer-increasing scaling), ``merge`` (task
 arithmetic, TIES; ``tuned_sd`` may be a list), ``reset`` (copy a fraction back from the base), ``half_reset``
 (HFT-style) and ``graft`` (apply a skill-localization mask; ``graft.localize`` learns one).
@@ -25,6 +26,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ftlab.edits import graft, lines, merge, reset, scale
+from ftlab.edits.chunks import run_in_memory
 from ftlab.edits.eft import EFTModel
 from ftlab.edits.tuco import TuCoModel
 from ftlab.params import StateDict, tied_aliases
@@ -39,11 +41,14 @@ class Edit:
             ``(base_model, tuned_model, **settings) -> model``.
         sweep: the setting a bare list of values sweeps in ``post:``; None when the edit cannot be swept.
         composite: a decode-time composite (scored as a model; writes no weights).
+        prepare: for a weight edit, ``prepare(inputs, **settings) -> step``: its statistics passes and elementwise
+            step (``ftlab.edits.chunks``), which both ``apply_edit`` and the streaming ``ftlab.edits.stream`` run.
     """
 
     apply: Callable[..., Any]
     sweep: str | None = None
     composite: bool = False
+    prepare: Callable[..., Any] | None = None
 
     def check_settings(self, name: str, settings: dict[str, Any]) -> None:
         """Raise a ValueError naming the setting when ``settings`` do not fit this edit's signature."""
@@ -55,12 +60,12 @@ class Edit:
 
 
 EDITS: dict[str, Edit] = {
-    "scale": Edit(scale.apply, sweep="factor"),
-    "lines": Edit(lines.apply, sweep="alpha"),
-    "merge": Edit(merge.apply),
-    "reset": Edit(reset.apply, sweep="fraction"),
-    "half_reset": Edit(reset.half_reset),
-    "graft": Edit(graft.apply),
+    "scale": Edit(scale.apply, sweep="factor", prepare=scale.prepare),
+    "lines": Edit(lines.apply, sweep="alpha", prepare=lines.prepare),
+    "merge": Edit(merge.apply, prepare=merge.prepare),
+    "reset": Edit(reset.apply, sweep="fraction", prepare=reset.prepare),
+    "half_reset": Edit(reset.half_reset, prepare=reset.prepare_half_reset),
+    "graft": Edit(graft.apply, prepare=graft.prepare),
     "tuco": Edit(TuCoModel, sweep="alpha", composite=True),
 }
 
@@ -88,9 +93,9 @@ def apply_edit(name: str, base_sd: StateDict, tuned_sd: StateDict | list[StateDi
     if aliases:
         base_sd = {k: v for k, v in base_sd.items() if k not in aliases}
         tuned_list = [{k: v for k, v in t.items() if k not in aliases} for t in tuned_list]
-    if name == "graft" and aliases:
-        settings["mask"] = {k: v for k, v in settings["mask"].items() if k not in aliases}
-    out = EDITS[name].apply(base_sd, tuned_list if isinstance(tuned_sd, list) else tuned_list[0], **settings)
+    if name != "merge" and len(tuned_list) != 1:
+        raise ValueError(f"{name} takes one fine-tuned state dict, got {len(tuned_list)}")
+    out = run_in_memory(EDITS[name].prepare, base_sd, tuned_list, aliases=aliases, **settings)
     for head, embed in aliases.items():
         out[head] = out[embed].clone()
     return out

@@ -26,11 +26,13 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ftlab.edits.chunks import Inputs, Step, run_in_memory
 from ftlab.params import StateDict, check_compatible, layer_map
 
 NAME = "graft"
@@ -52,22 +54,49 @@ class GraftResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def apply(base_sd: StateDict, tuned_sd: StateDict, mask: dict[str, torch.Tensor]) -> StateDict:
+def apply(base_sd: StateDict, tuned_sd: StateDict, mask: dict[str, torch.Tensor] | str | Path) -> StateDict:
     """The grafted weights: tuned values where ``mask`` is True, base values everywhere else (keys not in mask too).
 
     Args:
         base_sd: base weights, fp32.
         tuned_sd: fine-tuned weights, same keys and shapes.
-        mask: key -> bool tensor of the key's shape.
+        mask: key -> bool tensor of the key's shape, or the path of a safetensors file of them (read chunk by chunk,
+            e.g. the ``graft_mask.safetensors`` that ``ftlab edit graft`` saves).
 
     Returns:
         A new state dict.
     """
-    check_compatible(base_sd, tuned_sd)
-    for k, m in mask.items():
-        if k not in base_sd or m.shape != base_sd[k].shape:
+    return run_in_memory(prepare, base_sd, [tuned_sd], mask=mask)
+
+
+def prepare(inputs: Inputs, mask: dict[str, torch.Tensor] | str | Path) -> Step:
+    """The elementwise step of ``apply`` (``ftlab.edits.chunks``); mask entries of a tied head are ignored."""
+    if isinstance(mask, (str, Path)):
+        from safetensors import safe_open
+
+        path = str(mask)
+        with safe_open(path, "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+        def rows_of(key: str, rows) -> torch.Tensor:
+            with safe_open(path, "pt") as f:
+                return f.get_tensor(key) if rows is ... else f.get_slice(key)[rows]
+
+    else:
+        shapes = {k: tuple(m.shape) for k, m in mask.items()}
+
+        def rows_of(key: str, rows) -> torch.Tensor:
+            return mask[key][rows]
+
+    shapes = {k: v for k, v in shapes.items() if k not in inputs.aliases}
+    for k, shape in shapes.items():
+        if k not in inputs.shapes or shape != tuple(inputs.shapes[k]):
             raise ValueError(f"mask entry '{k}' does not match the state dict (missing key or shape)")
-    return {k: torch.where(mask[k].bool(), tuned_sd[k], b) if k in mask else b.clone() for k, b in base_sd.items()}
+
+    def step(key: str, rows, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
+        return torch.where(rows_of(key, rows).bool(), tuned[0], base) if key in shapes else base
+
+    return step
 
 
 def select_keys(keys: list[str], shapes: dict[str, torch.Size], include: str | None = None) -> list[str]:

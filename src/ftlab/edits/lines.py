@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ftlab.params import StateDict, check_compatible, layer_map
+from ftlab.edits.chunks import Inputs, Step, run_in_memory
+from ftlab.params import StateDict, layer_map
 
 NAME = "lines"
 
@@ -89,10 +90,19 @@ def apply(
     Returns:
         A new state dict.
     """
-    check_compatible(base_sd, tuned_sd)
-    lam = layer_scales(list(base_sd), alpha, beta, n_layers, non_block_scale)
-    out = {}
-    for k, b in base_sd.items():
-        # lerp keeps λ = 1 bit-identical to the tuned weights and λ = 0 to the base.
-        out[k] = torch.lerp(b, tuned_sd[k], lam[k]) if b.is_floating_point() else tuned_sd[k].clone()
-    return out
+    return run_in_memory(
+        prepare, base_sd, [tuned_sd], alpha=alpha, beta=beta, n_layers=n_layers, non_block_scale=non_block_scale
+    )
+
+
+def prepare(
+    inputs: Inputs,
+    alpha: float,
+    beta: float | None = None,
+    n_layers: int | None = None,
+    non_block_scale: float | None = None,
+) -> Step:
+    """The elementwise step of ``apply`` (``ftlab.edits.chunks``): λ of every key from the key names alone."""
+    lam = layer_scales(inputs.keys, alpha, beta, n_layers, non_block_scale)
+    # lerp keeps λ = 1 bit-identical to the tuned weights and λ = 0 to the base.
+    return lambda key, rows, base, tuned: torch.lerp(base, tuned[0], lam[key])

@@ -13,6 +13,10 @@ matrices: 1 in one half of the blocks and 2 in the other, the extra block of an 
 reimplementation does); embeddings and head keep their fine-tuned values. Categories are found by module name
 (``attn``/``attention``, ``mlp``/``ffn``/``feed_forward``, ``norm``/``ln``); biases follow their matrix.
 Reset entries are the base values bit for bit, and fraction 1 returns the base state dict exactly.
+
+Like every weight edit, these run as passes over row chunks (``ftlab.edits.chunks``): ``smallest`` finds its
+threshold in two counting passes (exactly the ``kthvalue`` over the whole model), ``random`` draws each chunk's mask
+from a generator seeded by the seed, the key and the chunk, so streamed shards and in-memory state dicts agree.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import random
 
 import torch
 
-from ftlab.params import StateDict, block_prefix, check_compatible, is_embedding, layer_map
+from ftlab.edits.chunks import Inputs, Step, chunk_seed, kth_smallest, run_in_memory
+from ftlab.params import StateDict, block_prefix, is_embedding, layer_map
 
 NAME = "reset"
 HOWS = ("random", "smallest", "layers")
@@ -48,21 +53,35 @@ def apply(
     Returns:
         A new state dict.
     """
-    check_compatible(base_sd, tuned_sd)
+    return run_in_memory(prepare, base_sd, [tuned_sd], fraction=fraction, how=how, seed=seed, order=order)
+
+
+def prepare(inputs: Inputs, fraction: float, how: str = "random", seed: int = 0, order: str = "bottom") -> Step:
+    """Statistics passes and the elementwise step of ``apply`` (``ftlab.edits.chunks``)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     if how not in HOWS:
         raise ValueError(f"unknown reset how={how!r}; choose from {', '.join(HOWS)}")
-    if how == "random":
-        masks = _random_masks(base_sd, fraction, seed)
-    elif how == "smallest":
-        masks = _smallest_masks(base_sd, tuned_sd, fraction)
-    else:
+    if how == "layers":
         if order not in ("bottom", "top"):
             raise ValueError(f"order must be 'bottom' or 'top', got {order!r}")
-        chosen = set(_layer_units(list(base_sd), fraction, order))
-        masks = {k: k in chosen for k in base_sd}
-    return _combine(base_sd, tuned_sd, masks)
+        return _keys_step(set(_layer_units(inputs.keys, fraction, order)))
+    if fraction in (0.0, 1.0):
+        return _keys_step(set(inputs.keys) if fraction == 1.0 else set())
+    if how == "random":
+
+        def random_step(key: str, rows, base: torch.Tensor, tuned: list[torch.Tensor]) -> torch.Tensor:
+            # each entry independently with probability `fraction`: cheap on 100M+ entries, exact share in expectation
+            gen = torch.Generator().manual_seed(chunk_seed(seed, key, rows))
+            return torch.where(torch.rand(base.shape, generator=gen) < fraction, base, tuned[0])
+
+        return random_step
+    total = inputs.n_float()
+    take = round(fraction * total)
+    if take in (0, total):
+        return _keys_step(set(inputs.keys) if take == total else set())
+    (threshold,) = kth_smallest(lambda: ([(ts[0] - b).abs()] for _, _, b, ts in inputs.chunks()), [take])
+    return lambda key, rows, base, tuned: torch.where((tuned[0] - base).abs() <= threshold, base, tuned[0])
 
 
 def half_reset(base_sd: StateDict, tuned_sd: StateDict, seed: int = 0) -> StateDict:
@@ -76,9 +95,17 @@ def half_reset(base_sd: StateDict, tuned_sd: StateDict, seed: int = 0) -> StateD
     Returns:
         A new state dict.
     """
-    check_compatible(base_sd, tuned_sd)
-    chosen = half_reset_keys(list(base_sd), seed)
-    return _combine(base_sd, tuned_sd, {k: k in chosen for k in base_sd})
+    return run_in_memory(prepare_half_reset, base_sd, [tuned_sd], seed=seed)
+
+
+def prepare_half_reset(inputs: Inputs, seed: int = 0) -> Step:
+    """The step of ``half_reset``: whole keys from the base, chosen from the key names alone."""
+    return _keys_step(half_reset_keys(inputs.keys, seed))
+
+
+def _keys_step(chosen: set[str]) -> Step:
+    """Base values for the keys in ``chosen``, tuned values elsewhere (the drivers copy them into the output)."""
+    return lambda key, rows, base, tuned: base if key in chosen else tuned[0]
 
 
 def half_reset_keys(keys: list[str], seed: int = 0) -> set[str]:
@@ -115,44 +142,6 @@ def _category(sub: str) -> str | None:
     if "mlp" in sub or "ffn" in sub or "feed_forward" in sub:
         return "mlp"
     return None
-
-
-def _combine(base_sd: StateDict, tuned_sd: StateDict, masks: dict[str, torch.Tensor | bool]) -> StateDict:
-    out = {}
-    for k, b in base_sd.items():
-        m = masks[k]
-        if isinstance(m, bool):
-            out[k] = (b if m else tuned_sd[k]).clone()
-        else:
-            out[k] = torch.where(m, b, tuned_sd[k])
-    return out
-
-
-def _random_masks(base_sd: StateDict, fraction: float, seed: int) -> dict[str, torch.Tensor | bool]:
-    gen = torch.Generator().manual_seed(seed)
-    masks: dict[str, torch.Tensor | bool] = {}
-    for k in sorted(base_sd):
-        if fraction in (0.0, 1.0):
-            masks[k] = fraction == 1.0
-            continue
-        # each entry independently with probability `fraction`: cheap on 100M+ entries, exact share in expectation
-        masks[k] = torch.rand(base_sd[k].shape, generator=gen) < fraction
-    return masks
-
-
-def _smallest_masks(base_sd: StateDict, tuned_sd: StateDict, fraction: float) -> dict[str, torch.Tensor | bool]:
-    floats = [k for k, b in base_sd.items() if b.is_floating_point()]
-    total = sum(base_sd[k].numel() for k in floats)
-    take = round(fraction * total)
-    if take in (0, total):
-        return {k: take == total for k in base_sd}
-    mags = torch.cat([(tuned_sd[k] - base_sd[k]).abs().flatten() for k in floats])
-    threshold = torch.kthvalue(mags, take).values
-    del mags
-    masks: dict[str, torch.Tensor | bool] = {k: False for k in base_sd}
-    for k in floats:
-        masks[k] = (tuned_sd[k] - base_sd[k]).abs() <= threshold
-    return masks
 
 
 def _layer_units(keys: list[str], fraction: float, order: str) -> list[str]:

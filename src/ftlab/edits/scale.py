@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ftlab.params import StateDict, check_compatible
+from ftlab.edits.chunks import Inputs, Step, run_in_memory
+from ftlab.params import StateDict
 
 NAME = "scale"
 
@@ -26,8 +27,12 @@ def apply(base_sd: StateDict, tuned_sd: StateDict, factor: float = 1.0) -> State
     Returns:
         A new state dict.
     """
-    check_compatible(base_sd, tuned_sd)
-    return {k: _lerp(base_sd[k], tuned_sd[k], factor) for k in base_sd}
+    return run_in_memory(prepare, base_sd, [tuned_sd], factor=factor)
+
+
+def prepare(inputs: Inputs, factor: float = 1.0) -> Step:
+    """The elementwise step of ``apply`` (``ftlab.edits.chunks``); needs no statistics."""
+    return lambda key, rows, base, tuned: _lerp(base, tuned[0], factor)
 
 
 def _lerp(base: torch.Tensor, tuned: torch.Tensor, weight: float) -> torch.Tensor:

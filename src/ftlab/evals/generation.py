@@ -29,6 +29,9 @@ from contextlib import contextmanager
 
 import torch
 
+# Run transformers' ``model.generate`` instead of the loop below for Hugging Face models. Off: bench/eval_speed.py
+# measured the loop at 1.43x ``generate`` on the same prompts and batch size with identical answers (docs/speed.md).
+USE_GENERATE = False
 # Shared prompt prefixes shorter than this are not worth a separate forward.
 MIN_SHARED_PREFIX = 4
 # End-of-turn markers of common chat formats; whichever exist in the vocabulary also stop generation.
@@ -298,7 +301,9 @@ def generate(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             rows = [encoded[i] for i in idx]
-            if hf:
+            if hf and USE_GENERATE:
+                outs = _generate_hf(model, rows, max_new_tokens, stop, pad)
+            elif hf:
                 share = prefix if len(rows) > 1 else 0
                 outs = _generate_cached(model, rows, max_new_tokens, stop, pad, prefix_len=share)
             else:

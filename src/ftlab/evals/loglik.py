@@ -24,6 +24,10 @@ import torch
 
 from ftlab.evals.generation import _progress, is_hf_generator, model_device
 
+# Score multiple-choice options over a shared context's KV cache (``shared_context_logprobs``); tests switch it off
+# to compare with one sequence per option.
+SHARE_CONTEXT = True
+
 
 @torch.no_grad()
 def _forward_each(
@@ -116,6 +120,72 @@ def next_token_logprobs(
     return _forward_each(model, contexts, take, batch_size, 4096, False)
 
 
+@torch.no_grad()
+def shared_context_logprobs(
+    model, contexts: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]], batch_size: int = 16
+) -> list[list[torch.Tensor]] | None:
+    """Per item, per option, the log-probability of each option token after the item's context, with the context
+    run once per item and all its options in one batch over the context's KV cache.
+
+    Items go in batches of up to ``batch_size`` contexts: one forward over the right-padded contexts, then one over
+    every option of those items, each option row reading its own item's cache row (the padding after a shorter
+    context is masked out, and the options' ``position_ids`` continue from the context's true length). The first
+    option token is scored from the context's last logits. This computes ``len(context) + sum(len(option))`` tokens
+    per item instead of ``len(options) * len(context) + sum(len(option))``.
+
+    Returns:
+        The log-probabilities, or None when the model is not a Hugging Face model with a row-selectable KV cache
+        and ``position_ids`` (the caller then scores each ``context + option`` sequence on its own).
+    """
+    from ftlab.evals.generation import _accepts, _cache_of
+
+    if not is_hf_generator(model) or not _accepts(model, "position_ids"):
+        return None
+    dev = model_device(model)
+    cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
+    order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+    result: list[list[torch.Tensor]] = [[] for _ in contexts]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(contexts[i]) for i in idx)
+        ids = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, : len(contexts[i])] = torch.tensor(list(contexts[i]))
+            mask[r, : len(contexts[i])] = 1
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
+        cache = _cache_of(out)
+        if cache is None or not callable(getattr(cache, "batch_select_indices", None)):
+            return None
+        lens = [len(contexts[i]) for i in idx]
+        first = out.logits[torch.arange(len(idx)), torch.tensor(lens) - 1].float().log_softmax(-1).cpu()  # (B, V)
+        rows = [(r, c) for r, i in enumerate(idx) for c in range(len(options[i]))]  # option row -> (item row, option)
+        owidth = max(len(options[idx[r]][c]) for r, c in rows)
+        oids = torch.zeros((len(rows), owidth), dtype=torch.long)
+        omask = torch.zeros((len(rows), width + owidth), dtype=torch.long)
+        pos = torch.zeros((len(rows), owidth), dtype=torch.long)
+        for k, (r, c) in enumerate(rows):
+            opt = list(options[idx[r]][c])
+            oids[k, : len(opt)] = torch.tensor(opt)
+            omask[k, :width] = mask[r]
+            omask[k, width : width + len(opt)] = 1
+            pos[k] = lens[r] + torch.arange(owidth)
+        cache.batch_select_indices(torch.tensor([r for r, _ in rows], device=dev))
+        logits = model(
+            input_ids=oids.to(dev), attention_mask=omask.to(dev), position_ids=pos.to(dev), use_cache=True,
+            **{cache_kw: cache},
+        ).logits  # fmt: skip
+        for k, (r, c) in enumerate(rows):
+            opt = list(options[idx[r]][c])
+            lp = [first[r, opt[0]]]
+            if len(opt) > 1:
+                rest = logits[k, : len(opt) - 1].float().log_softmax(-1).cpu()
+                lp += list(rest.gather(-1, torch.tensor(opt[1:]).unsqueeze(-1)).squeeze(-1))
+            result[idx[r]].append(torch.stack([torch.as_tensor(x) for x in lp]))
+        del out, logits, cache
+    return result
+
+
 def _context_ids(tokenizer, context: str) -> list[int]:
     ids = tokenizer(context)["input_ids"]
     if not ids:  # an empty context still needs one token to condition on
@@ -129,7 +199,8 @@ def choice_logliks(
     """Summed log-likelihood of each option of each multiple-choice item.
 
     When every option of an item is a single token (MMLU's letters), one forward of the context scores them all;
-    otherwise each option gets its own sequence ``context + option``.
+    otherwise a Hugging Face model runs the context once and all the item's options in one batch over its KV cache
+    (``shared_context_logprobs``), and a logits callable scores each ``context + option`` sequence on its own.
 
     Args:
         model: a Hugging Face causal LM or a logits callable.
@@ -141,7 +212,7 @@ def choice_logliks(
     Returns:
         Per item, per option, ``(sum log-prob, UTF-8 byte length of the continuation)``.
     """
-    seqs, starts, owners = [], [], []  # one sequence per (item, option) for multi-token options
+    long_ctx, long_conts, long_items = [], [], []  # items with a multi-token option
     short_ctx, short_cands, short_items = [], [], []  # one context per item whose options are single tokens
     nbytes = []
     for k, item in enumerate(items):
@@ -153,13 +224,24 @@ def choice_logliks(
             short_cands.append([c[0] for c in conts])
             short_items.append(k)
             continue
-        for c, cont in enumerate(conts):
-            seqs.append(ctx + cont)
-            starts.append(len(ctx))
-            owners.append((k, c))
+        long_ctx.append(ctx)
+        long_conts.append(conts)
+        long_items.append(k)
     sums: list[list[float]] = [[0.0] * len(item["choices"]) for item in items]
-    for (k, c), lp in zip(owners, sequence_logprobs(model, seqs, starts, batch_size, progress=progress), strict=True):
-        sums[k][c] = float(lp.sum())
+    shared = shared_context_logprobs(model, long_ctx, long_conts, batch_size) if SHARE_CONTEXT and long_ctx else None
+    if shared is not None:
+        for k, lps in zip(long_items, shared, strict=True):
+            sums[k] = [float(lp.sum()) for lp in lps]
+    else:  # a logits callable: one sequence per (item, option)
+        seqs, starts, owners = [], [], []
+        for k, ctx, conts in zip(long_items, long_ctx, long_conts, strict=True):
+            for c, cont in enumerate(conts):
+                seqs.append(ctx + cont)
+                starts.append(len(ctx))
+                owners.append((k, c))
+        lps = sequence_logprobs(model, seqs, starts, batch_size, progress=progress)
+        for (k, c), lp in zip(owners, lps, strict=True):
+            sums[k][c] = float(lp.sum())
     for k, lp in zip(short_items, next_token_logprobs(model, short_ctx, short_cands, batch_size), strict=True):
         sums[k] = [float(x) for x in lp]
     return [list(zip(s, nb, strict=True)) for s, nb in zip(sums, nbytes, strict=True)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from ftlab.evals.conjugate import cut_output
 from ftlab.evals.generation import eval_mode, generate
 from ftlab.evals.loglik import choice_logliks, pick_choice, text_nll
 from ftlab.evals.scorers import GENERATIVE_SCORERS, mean_stderr, perplexity_stderr
@@ -70,7 +71,11 @@ def _reference_choice(item: dict) -> str:
 
 def _run_generate(model, tokenizer, suite: Suite, batch_size: int, max_new: int, progress: bool) -> list[ItemResult]:
     prompts = [item["prompt"] for item in suite.items]
-    outputs = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new, progress=progress)
+    outputs = generate(
+        model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new, progress=progress, chat=suite.chat
+    )
+    if suite.stop_strings:  # a conjugate frame (ftlab.evals.conjugate): the answer ends where the next shot starts
+        outputs = [cut_output(out, suite.stop_strings) for out in outputs]
     score = GENERATIVE_SCORERS[suite.scorer]
     return [
         ItemResult(str(item["id"]), item["prompt"], out, _reference(item), score(item, out))
@@ -95,7 +100,8 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int | None = None,
     progress: bool = True,
-) -> SuiteResult:
+    split: bool = False,
+) -> SuiteResult | None:
     """Score a model on a suite.
 
     Args:
@@ -107,40 +113,85 @@ def evaluate(
         batch_size: prompts (or sequences) per forward batch; results do not depend on it.
         max_new_tokens: generation cap (default: the suite's).
         progress: progress bar on stderr.
+        split: in a process group of several processes (``torch.distributed``), every process calls this together
+            and scores a contiguous share of the items; the main process gathers the rows in item order and
+            returns the result, the others return None. An lm-eval suite is scored by the main process alone.
+            The result equals one process's up to batching.
 
     Returns:
-        The suite result with one row per item.
+        The suite result with one row per item (None on a non-main process with ``split``).
     """
     if not suite.items:
         raise ValueError(f"suite {suite.name!r} has no items")
+    if split:
+        from ftlab import distributed
+
+        split = distributed.world_size() > 1
+        if split and suite.kind == "lm-eval" and not distributed.is_main():
+            return None
+        split = split and suite.kind != "lm-eval"
+        progress = progress and distributed.is_main()
     with eval_mode(model):
-        rows, score, stderr = _run(model, tokenizer, suite, batch_size, max_new_tokens, progress)
+        if split:
+            got = _run_split(model, tokenizer, suite, batch_size, max_new_tokens, progress)
+            if got is None:
+                return None
+            rows, score, stderr = got
+        else:
+            rows, score, stderr = _run(model, tokenizer, suite, batch_size, max_new_tokens, progress)
     return SuiteResult(suite.name, suite.metric, score, len(rows), stderr, suite.higher_is_better, rows)
 
 
 def _run(model, tokenizer, suite: Suite, batch_size: int, max_new_tokens: int | None, progress: bool) -> tuple:
+    if suite.kind == "lm-eval":  # scored by lm-evaluation-harness (``harness.py``)
+        from ftlab.evals.harness import run_harness
+
+        return run_harness(model, tokenizer, suite, batch_size, max_new_tokens)
+    rows, nll = _item_rows(model, tokenizer, suite, batch_size, max_new_tokens, progress)
+    return (rows, *_score(rows, nll))
+
+
+def _item_rows(model, tokenizer, suite: Suite, batch_size: int, max_new_tokens: int | None, progress: bool) -> tuple:
+    """``(rows, nll)``: one row per item, and for a perplexity suite each item's ``(sum NLL, tokens)`` (else None)."""
     if suite.kind == "generate":
         max_new = max_new_tokens or suite.max_new_tokens
-        rows = _run_generate(model, tokenizer, suite, batch_size, max_new, progress)
-        score, stderr = mean_stderr([r.score for r in rows])
-    elif suite.kind == "choice":
-        rows = _run_choice(model, tokenizer, suite, batch_size, progress)
-        score, stderr = mean_stderr([r.score for r in rows])
-    elif suite.kind == "perplexity":
+        return _run_generate(model, tokenizer, suite, batch_size, max_new, progress), None
+    if suite.kind == "choice":
+        return _run_choice(model, tokenizer, suite, batch_size, progress), None
+    if suite.kind == "perplexity":
         texts = [item["text"] for item in suite.items]
         nll = text_nll(model, tokenizer, texts, batch_size=max(1, batch_size // 2), progress=progress)
         rows = [
             ItemResult(str(item["id"]), item["text"][:200], "", "", math.exp(s / k) if k else math.nan)
             for item, (s, k) in zip(suite.items, nll, strict=True)
         ]
-        score, stderr = perplexity_stderr([s for s, _ in nll], [k for _, k in nll])
-    elif suite.kind == "lm-eval":  # scored by lm-evaluation-harness (``harness.py``)
-        from ftlab.evals.harness import run_harness
+        return rows, list(nll)
+    raise ValueError(f"suite {suite.name!r}: unknown kind {suite.kind!r}")
 
-        rows, score, stderr = run_harness(model, tokenizer, suite, batch_size, max_new_tokens)
-    else:
-        raise ValueError(f"suite {suite.name!r}: unknown kind {suite.kind!r}")
-    return rows, score, stderr
+
+def _score(rows: list[ItemResult], nll: list | None) -> tuple[float, float]:
+    """``(score, stderr)``: the corpus perplexity when ``nll`` is given, else the mean item score."""
+    if nll is not None:
+        return perplexity_stderr([s for s, _ in nll], [k for _, k in nll])
+    return mean_stderr([r.score for r in rows])
+
+
+def _run_split(model, tokenizer, suite: Suite, batch_size: int, max_new_tokens: int | None, progress: bool):
+    """This process's contiguous share of the items, gathered on the main process (None elsewhere)."""
+    import dataclasses
+
+    from ftlab import distributed
+
+    start, stop = distributed.shard_bounds(len(suite.items), distributed.rank(), distributed.world_size())
+    part = dataclasses.replace(suite, items=suite.items[start:stop])
+    empty = ([], [] if suite.kind == "perplexity" else None)
+    mine = _item_rows(model, tokenizer, part, batch_size, max_new_tokens, progress) if part.items else empty
+    shares = distributed.gather_to_main(mine)
+    if shares is None:
+        return None
+    rows = [row for share, _ in shares for row in share]
+    nll = None if suite.kind != "perplexity" else [x for _, share in shares for x in share]
+    return (rows, *_score(rows, nll))
 
 
 def evaluate_many(model, tokenizer, suites: list[Suite], **kw) -> dict[str, SuiteResult]:

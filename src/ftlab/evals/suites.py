@@ -15,6 +15,9 @@ Built-in suites (``BUILTIN_SUITES``), written for ftlab:
 * ``general-text``: perplexity on plain English prose written for ftlab; ``suites/general-text.txt``.
 * ``fictional-capitals``: the demo target task, invented countries and capitals (``ftlab.tasks``); ``split``
   picks ``train`` or ``test``.
+* ``context-awareness``: 62 questions whose answer a context passage gives and common knowledge contradicts ("In
+  this story, the capital of France is Nairobi."); ``contains``, the reference being the context's answer
+  (``ftlab.tasks.context_awareness_items``, fixed seed).
 
 Short-answer questions get the instruction ``ftlab.tasks.SHORT_ANSWER`` appended, so the instruct model answers
 briefly and ``contains`` can find the answer.
@@ -37,11 +40,11 @@ from pathlib import Path
 from ftlab.evals import ifeval, loaders
 from ftlab.evals.loaders import SuiteFormatError
 from ftlab.evals.scorers import GENERATIVE_SCORERS, METRICS, SCORERS
-from ftlab.tasks import SHORT_ANSWER, arithmetic_items, arithmetic_task, fictional_capitals
+from ftlab.tasks import SHORT_ANSWER, arithmetic_items, arithmetic_task, context_awareness_items, fictional_capitals
 
 BUILTIN_SUITES = (
     "world-facts", "world-capitals", "world-knowledge", "arithmetic", "single-digit-sums", "instructions",
-    "general-text", "fictional-capitals",
+    "general-text", "fictional-capitals", "context-awareness",
 )  # fmt: skip
 # Cap on generated tokens by scorer: short answers stop early anyway, the cap bounds a rambling answer.
 MAX_NEW_TOKENS = {"exact": 24, "contains": 24, "numeric": 24, "rules": 192}
@@ -72,6 +75,9 @@ class Suite:
         kind: ``generate``, ``choice`` or ``perplexity``: how the runner queries the model.
         max_new_tokens: generation cap for generative suites.
         source: where the items came from (``builtin`` or a path).
+        chat: send prompts through the chat template (None: when the tokenizer has one; False for the ``plain`` and
+            ``fewshot`` forms of ``ftlab.evals.conjugate``).
+        stop_strings: a generated answer is cut at the first of these (the few-shot form's next ``Q:``).
     """
 
     name: str
@@ -82,6 +88,8 @@ class Suite:
     kind: str = ""
     max_new_tokens: int = 64
     source: str = "builtin"
+    chat: bool | None = None
+    stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
@@ -127,6 +135,8 @@ def _builtin(name: str, split: str) -> Suite:
         return Suite(name, "perplexity", loaders.load_text(_packaged("general-text.txt")))
     if name == "fictional-capitals":
         return Suite(name, "contains", fictional_capitals(split), max_new_tokens=MAX_NEW_TOKENS["contains"])
+    if name == "context-awareness":
+        return Suite(name, "contains", context_awareness_items(), max_new_tokens=MAX_NEW_TOKENS["contains"])
     raise KeyError(name)
 
 
@@ -228,6 +238,8 @@ def load_suite(
 
         return load_harness_suite(ref, scorer=scorer, limit=limit, include=lm_eval_include)
     if ref in BUILTIN_SUITES:
+        if ref == "fictional-capitals" and split not in ("train", "test"):
+            raise SuiteFormatError(f"suite {ref!r}: split {split!r} is neither 'train' nor 'test'")
         suite = _builtin(ref, split)
         if scorer is not None and scorer != suite.scorer:
             if not (suite.kind == "generate" and scorer in GENERATIVE_SCORERS and suite.scorer != "rules"):

@@ -60,6 +60,13 @@ class Config:
     skip_loss_below: float = 1e-2  # no update for a batch whose per-sample mean loss is below this (0: never skip)
     stop_loss_below: float = 1e-2  # stop after an epoch whose per-sample mean loss is below this (0: never stop)
 
+    def __post_init__(self) -> None:
+        if self.layer < -1:
+            raise ConfigError(f"method.params.layer: {self.layer} is neither -1 (the depth rule) nor a block index")
+        for name in ("skip_loss_below", "stop_loss_below"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"method.params.{name}: {getattr(self, name)} must be >= 0")
+
 
 def default_layer(n_layer: int, model_type: str | None) -> int:
     """The block LocFT tunes by default for a model of ``n_layer`` blocks and the given ``model_type``."""

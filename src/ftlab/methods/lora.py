@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from ftlab.config import ConfigError
 from ftlab.methods.base import Plan, PlanContext
 
 NAME = "lora"
@@ -20,6 +21,14 @@ class Config:
     target_modules: list[str] | str = "all-linear"  # PEFT's shorthand: every Linear except the output head
     use_rslora: bool = False  # scale by alpha / sqrt(r) instead (rank-stabilised LoRA)
     modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"method.params.r: {self.r} is below its minimum 1 (the adapter rank)")
+        if not self.alpha > 0:
+            raise ConfigError(f"method.params.alpha: {self.alpha} must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"method.params.dropout: {self.dropout} is not in [0, 1)")
 
 
 def plan(model: nn.Module, cfg: Config, ctx: PlanContext) -> Plan:

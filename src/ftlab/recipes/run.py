@@ -3,10 +3,12 @@
 Run it with ``ftlab run EXPERIMENT.yaml [--set key=value] [--out DIR]``, or from Python with
 ``run_experiment(load_experiment(path))``. Multi-GPU: ``accelerate launch -m ftlab run EXPERIMENT.yaml`` runs
 the same code (on CPU-only machines start the processes with ``torchrun``: ``accelerate launch --cpu`` starts
-one): every process trains (the trainers are accelerate-aware), and only the main process evaluates,
-writes the store, saves models and runs repair sweeps while the others wait at a barrier. Evaluation is not split
-across processes, so a long evaluation can outlast the process group's timeout (30 minutes by default); raise it
-with accelerate's settings for long suites.
+one): every process trains (the trainers are accelerate-aware) and scores its share of every suite's items
+(the main process gathers and writes them); only the main process writes the store, saves models and runs repair
+sweeps while the others wait at a barrier, so a long sweep can outlast the process group's timeout (30 minutes by
+default); raise it with accelerate's settings. An experiment's ``accelerate:`` key makes ``ftlab run`` relaunch
+itself under ``accelerate launch`` (``ftlab.distributed``). Each stage's output is saved as ``save_output`` says: a
+PEFT adapter, a weight diff (``ftlab.diffs``) or a whole model.
 
 The summary (``summary.json``) comes from ``ftlab.report.digest.build_summary``, the one builder that the printed
 table, the HTML report and ``ftlab compare`` also read.
@@ -23,10 +25,12 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ftlab.atomic import write_json, write_text
+from ftlab import faults
+from ftlab.atomic import remove_temps, write_json, write_text
 from ftlab.config import ConfigError
 from ftlab.data import load_records
 from ftlab.data.sources import resolve_train_data
+from ftlab.diffs import output_kind
 from ftlab.models import load_model, save_model, state_dict_fp32
 from ftlab.recipes.experiment import (
     ArmConfig,
@@ -34,10 +38,13 @@ from ftlab.recipes.experiment import (
     StageConfig,
     all_suites,
     arm_dir,
+    arm_keep,
     arm_trainer,
+    context_indicator,
     git_sha,
     masked_thought_settings,
     run_id_for,
+    save_mode,
     stage_model_dir,
     sweep_points,
     train_config,
@@ -57,44 +64,152 @@ RUN_MARKER = ".ftlab-run"
 class Evaluator:
     """Loads each suite once and scores models on it, writing results and items to the store."""
 
-    def __init__(self, cfg: ExperimentConfig, store: Store, run_id: str, enabled: bool = True) -> None:
-        from ftlab.evals import load_suite
-
+    def __init__(
+        self, cfg: ExperimentConfig, store: Store, run_id: str, enabled: bool = True, suites: dict | None = None
+    ) -> None:
         self.cfg, self.store, self.run_id, self.enabled = cfg, store, run_id, enabled
         self.targets, self.retained = all_suites(cfg)
-        self.suites = {}
-        for name in self.targets + self.retained:
-            limit = cfg.eval.limits.get(name, cfg.eval.limit)
-            self.suites[name] = load_suite(
-                name, scorer=cfg.eval.scorers.get(name), limit=limit, lm_eval_include=cfg.eval.lm_eval_include
-            )
+        self.suites = load_suites(cfg) if suites is None else suites
+        self.conjugates = conjugate_suites([self.suites[name] for name in self.retained], cfg.eval.conjugate)
 
     @property
     def names(self) -> list[str]:
         return self.targets + self.retained
 
-    def missing(self, arm: str, stage: int) -> list[str]:
-        return [s for s in self.names if not self.store.has_result(self.run_id, arm, stage, self.suites[s].name)]
+    def missing(self, arm: str, stage: int, conjugate: bool = False) -> list[str]:
+        """Suites (references) without a stored result; with ``conjugate``, also the conjugate forms' names."""
+        names = [s for s in self.names if not self.store.has_result(self.run_id, arm, stage, self.suites[s].name)]
+        if conjugate:
+            names += [c for c in self.conjugates if not self.store.has_result(self.run_id, arm, stage, c)]
+        return names
 
-    def run(self, model: Any, tokenizer: Any, arm: str, stage: int) -> None:
+    def run(
+        self, model: Any, tokenizer: Any, arm: str, stage: int, conjugate: bool = False, split: bool = True
+    ) -> None:
+        """Score the missing suites; ``conjugate`` adds the retained suites asked in ``eval.conjugate``'s forms
+        (stored under ``<suite>@<form>`` with role ``conjugate``; the base and each trained arm's last stage).
+
+        In a multi-process run with ``split`` every process calls this together: each scores its share of every
+        suite's items and the main process gathers the rows and writes them (``evaluate(split=True)``); the list of
+        missing suites is the main process's. ``split=False`` scores on this process alone (the repair sweep, which
+        runs on the main process only).
+        """
+        from ftlab import distributed
         from ftlab.evals import evaluate
 
-        if not self.enabled:  # a non-main process of a multi-process run
+        together = split and distributed.world_size() > 1
+        if not together and not self.enabled:  # a non-main process of a multi-process run
             return
-        for name in self.missing(arm, stage):
+        names = self.missing(arm, stage, conjugate)
+        for name in distributed.broadcast(names) if together else names:
+            suite = self.suites.get(name) or self.conjugates[name]
+            source = name.rpartition("@")[0] if name in self.conjugates else name
             result = evaluate(
-                model, tokenizer, self.suites[name], batch_size=self.cfg.eval.batch_size,
-                max_new_tokens=self.cfg.eval.max_new_tokens.get(name),
+                model, tokenizer, suite, batch_size=self.cfg.eval.batch_size,
+                max_new_tokens=self.cfg.eval.max_new_tokens.get(source), split=together,
             )  # fmt: skip
-            role = "target" if name in self.targets else "retained"
+            if result is None:  # another process's share, gathered by the main process
+                continue
+            role = "conjugate" if name in self.conjugates else "target" if name in self.targets else "retained"
+            faults.point("eval")
             self.store.add_result(self.run_id, arm, stage, role, result)
             console.print(f"  [dim]{arm} stage {stage}[/] {name}: {result.metric} = {result.score:.3f}")
+        if together:
+            distributed.barrier()  # every result is in the store before any process reads it again
+
+
+def conjugate_suites(suites: list[Any], forms: list[str]) -> dict[str, Any]:
+    """``{"<suite>@<form>": suite}`` for each retained suite and form that applies (``ftlab.evals.conjugate``)."""
+    from ftlab.evals.conjugate import conjugate_suite
+
+    out = {}
+    for suite in suites:
+        for form in forms:
+            rewritten = conjugate_suite(suite, form)
+            if rewritten is None:
+                console.print(f"[dim]conjugate: the {form} form does not apply to {suite.name}; skipped[/]")
+            else:
+                out[rewritten.name] = rewritten
+    return out
+
+
+def load_suites(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Every target and retained suite of the experiment, by reference, with its limit and scorer."""
+    from ftlab.evals import load_suite
+
+    suites = {}
+    for name in sum(all_suites(cfg), []):
+        limit = cfg.eval.limits.get(name, cfg.eval.limit)
+        suites[name] = load_suite(
+            name, scorer=cfg.eval.scorers.get(name), limit=limit, lm_eval_include=cfg.eval.lm_eval_include
+        )
+    return suites
+
+
+def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Read everything a run reads before it writes anything: every suite, every stage's data and the sources it
+    mixes or replays, and the base model reference (its folder, config and weight files; no weights load).
+
+    Returns:
+        The loaded suites, by reference (``Evaluator(suites=...)``).
+
+    Raises:
+        InputError: naming the file, line or row, and field of the first problem.
+    """
+    suites = load_suites(cfg)
+    for stage in cfg.stages:
+        stage_data(cfg, stage)
+        for ref in [*stage.mix, *stage.replay]:
+            if not ref.startswith("stage:"):
+                load_records(resolve_train_data(ref), "auto")
+    check_model_ref(cfg.base)
+    plan_arms(cfg)
+    return suites
+
+
+def plan_arms(cfg: ExperimentConfig) -> None:
+    """Print each arm's memory plan (``ftlab.memory``: weights, gradients, optimizer state, activations) and refuse
+    an arm that cannot fit the device, before anything loads (an arm's ``train.memory_check: false`` only prints).
+    Under several processes (FSDP, DeepSpeed) the plan is printed once and not checked: sharding is not modelled."""
+    import os
+
+    from ftlab.loading import check_device
+    from ftlab.memory import announce, plan_or_note, print_plan
+
+    check_device(cfg.load)  # bf16 weights on a GPU without bf16
+    seq = max(stage.max_length for stage in cfg.stages)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    for arm in cfg.arms:
+        train = train_config(cfg, cfg.stages[0], arm)
+        title = f"memory plan: arm {arm.name} ({arm.method.name} on {cfg.base})"
+        if several:
+            plan = plan_or_note(cfg.base, cfg.load, arm.method.name, arm.method.params, train, seq)
+            if plan is not None and int(os.environ.get("RANK", "0")) == 0:
+                print_plan(plan, title + ", one process's full copy; sharding is not counted")
+            continue
+        announce(cfg.base, cfg.load, arm.method.name, arm.method.params, train, seq, title, f"arms.{arm.name}")
+
+
+def check_model_ref(ref: str) -> None:
+    """Check a model reference without loading weights (``ftlab.models.resolve``); an adapter folder's recorded
+    base is checked in its place."""
+    from ftlab.diffs import is_diff
+    from ftlab.models import EMBEDDED_NAME, TINY_NAME, adapter_base, resolve
+
+    if ref in (TINY_NAME, EMBEDDED_NAME) or is_diff(ref):
+        return
+    recorded = adapter_base(ref)
+    if recorded is None:
+        resolve(ref)
+    elif recorded:
+        check_model_ref(recorded)
 
 
 def stage_records(cfg: ExperimentConfig, stage: StageConfig) -> tuple[list[dict], str]:
     """The stage's training records after mixing and replay (deterministic in the experiment's seed)."""
     from ftlab.data.mixing import mix
 
+    faults.point("data")
     named = {st.name: st for st in cfg.stages}
 
     def source(ref: str) -> list[dict]:
@@ -138,11 +253,16 @@ def train_stage(
 ) -> Any:
     """Train one arm through stage ``t`` (1-based) with its registered trainer; returns a TrainResult."""
     records, fmt = stage_records(cfg, stage)
+    if context_indicator(stage, arm):
+        from ftlab.data.context import add_context_indicator, marked_count
+
+        records = add_context_indicator(records, fmt)
+        console.print(f"  context indicator on {marked_count(records)} of {len(records)} records")
     job = StageJob(
         model=model, tokenizer=tokenizer, records=records, fmt=fmt, method=arm.method,
         train=train_config(cfg, stage, arm), work_dir=work, stage=t - 1, settings=trainer_settings(stage, arm),
         max_length=stage.max_length, masked_thought=masked_thought_settings(stage, arm), resume=True,
-        load_base=lambda: load_model(cfg.base)[0], seed=cfg.seed,
+        load_base=lambda: load_model(cfg.base, settings=cfg.load)[0], seed=cfg.seed,
     )  # fmt: skip
     return TRAINERS[arm_trainer(stage, arm)].train(job)
 
@@ -155,65 +275,172 @@ def run_arm(cfg: ExperimentConfig, arm: ArmConfig, store: Store, run_id: str, ev
     model = tokenizer = None
     for t, stage in enumerate(cfg.stages, start=1):
         model_dir = stage_model_dir(out, arm.name, t, n)
-        done = store.stage_done(run_id, arm.name, t) and (model_dir / "config.json").exists()
-        needs_model = not done or ev.missing(arm.name, t) or (t == n and arm.post)
+        done = store.stage_done(run_id, arm.name, t) and output_kind(model_dir) is not None
+        needs_model = not done or ev.missing(arm.name, t, conjugate=t == n) or (t == n and arm.post)
+        needs_model = needs_model or (t == n and needs_explanation(cfg, store, run_id, arm.name))
+        needs_model = needs_model or (t == n and keep_pending(cfg, arm, out))
         next_needs = t < n and not store.stage_done(run_id, arm.name, t + 1)
         if done:
             if needs_model or next_needs:
-                model, tokenizer = load_model(model_dir)
+                model, tokenizer = load_model(model_dir, settings=cfg.load)
             else:
                 model = None
         else:
             if model is None:
                 prev = cfg.base if t == 1 else stage_model_dir(out, arm.name, t - 1, n)
-                model, tokenizer = load_model(prev)
+                model, tokenizer = load_model(prev, settings=cfg.load)
             console.print(f"[bold]{arm.name}[/]: training stage {t} ({stage.name}, {arm_trainer(stage, arm)})")
             work = arm_dir(out, arm.name) / f"stage-{t}.work"
-            result = train_stage(model, tokenizer, cfg, stage, arm, t, work)
+            try:
+                result = train_stage(model, tokenizer, cfg, stage, arm, t, work)
+            except faults.NonFiniteLoss as err:  # the stage stops; the last good checkpoint stays in `work`
+                err.where = f"arm {arm.name} stage {t}"
+                store.fail_stage(run_id, arm.name, t, stage.name, str(err), steps=err.step)
+                raise
+            saved: dict[str, Any] = {}
+            if ranks.is_main_process:  # before final_model(): an adapter is saved before LoRA is merged
+                start = cfg.base if t == 1 else stage_model_dir(out, arm.name, t - 1, n)
+                auto = (arm.save or cfg.save) == "auto"
+                saved = save_output(result, tokenizer, model_dir, save_mode(cfg, arm), start, auto=auto)
             model = result.final_model()
-            if ranks.is_main_process:
-                save_model(model, tokenizer, model_dir)
-                shutil.rmtree(work, ignore_errors=True)
             store.finish_stage(
                 run_id, arm.name, t, stage.name,
                 train_seconds=result.train_seconds, trainable_params=result.trainable_params,
                 optimizer_state_bytes=result.optimizer_state_bytes, steps=result.steps,
-                model_path=str(model_dir), info=result.plan_info,
+                model_path=str(model_dir), info={**result.plan_info, **saved},
             )  # fmt: skip
+            if ranks.is_main_process:  # only now: a kill before the row is in resumes from the last checkpoint
+                shutil.rmtree(work, ignore_errors=True)
             ranks.wait_for_everyone()
         if model is not None:
-            ev.run(model, tokenizer, arm.name, t)
+            ev.run(model, tokenizer, arm.name, t, conjugate=t == n)
     store.add_artifact(run_id, arm.name, "model", str(stage_model_dir(out, arm.name, n, n)))
+    if model is not None and ranks.is_main_process and needs_explanation(cfg, store, run_id, arm.name):
+        explain(cfg, arm, store, run_id, ev, model, tokenizer, out)
     if arm.post and model is not None and ranks.is_main_process:
-        run_sweep(cfg, arm, store, run_id, ev, model, tokenizer)
+        run_sweep(cfg, arm, store, run_id, ev, model, tokenizer, stage_model_dir(out, arm.name, n, n))
+    if model is not None and ranks.is_main_process and keep_pending(cfg, arm, out):  # `keep:` (ftlab.budget)
+        from ftlab.budget import run_experiment_budget
+
+        console.print(f"[bold]{arm.name}[/]: forgetting budget {arm_keep(cfg, arm):g}")
+        run_experiment_budget(cfg, arm_keep(cfg, arm), store, run_id, arm.name, ev, model, tokenizer,
+                              arm_dir(out, arm.name), log=console.print)  # fmt: skip
     ranks.wait_for_everyone()
 
 
+def keep_pending(cfg: ExperimentConfig, arm: ArmConfig, out: Path) -> bool:
+    """Whether the arm has a forgetting budget (``keep``) whose search has not run yet."""
+    from ftlab.budget import budget_pending
+
+    return arm_keep(cfg, arm) is not None and budget_pending(arm_dir(out, arm.name))
+
+
+def save_output(result: Any, tokenizer: Any, folder: Path, mode: str, start: Any, auto: bool = False) -> dict:
+    """Save a trained stage at ``folder`` as ``mode`` says (``experiment.save_mode``); returns ``{"output": kind,
+    "output_bytes": n}`` for the stage's info.
+
+    ``adapter``: the PEFT adapter folder (``adapter_config.json`` records ``start``, the model this stage began
+    from, as its base). ``diff``: the tensors that changed against ``start`` (``ftlab.diffs``); with ``auto`` a diff
+    larger than ``AUTO_MAX_FRACTION`` of the model is saved as a whole model instead. ``model``: the whole model,
+    LoRA merged. Call it before ``result.final_model()`` (which merges LoRA in place).
+    """
+    from ftlab import diffs
+
+    kind = mode
+    if mode == "adapter" and hasattr(result.model, "peft_config"):
+        for peft_cfg in result.model.peft_config.values():
+            peft_cfg.base_model_name_or_path = diffs.portable_ref(start)
+        save_model(result.model, tokenizer, folder)
+    elif mode == "diff":
+        final = result.final_model()
+        reader = diffs.open_reader(start)
+        tuned_sd = final.state_dict()
+        tensors = diffs.compute_diff(reader, tuned_sd)
+        if auto and diffs.tensor_bytes(tensors[0]) > diffs.AUTO_MAX_FRACTION * diffs.tensor_bytes(tuned_sd):
+            kind = "model"
+            save_model(final, tokenizer, folder)
+        else:
+            diffs.save_diff(reader, final, folder, base_ref=start, tokenizer=tokenizer, tensors=tensors)
+        del reader
+    else:
+        kind = "model"
+        save_model(result.final_model(), tokenizer, folder)
+    return {"output": kind, "output_bytes": diffs.folder_bytes(folder)}
+
+
+def needs_explanation(cfg: ExperimentConfig, store: Store, run_id: str, arm: str) -> bool:
+    """Whether the arm's per-item TuCo (``eval.explain``) is still to compute."""
+    from ftlab.analysis.explain import has_tuco
+
+    return cfg.eval.explain > 0 and not has_tuco(store, run_id, arm)
+
+
+def explain(
+    cfg: ExperimentConfig, arm: ArmConfig, store: Store, run_id: str, ev: Evaluator, model: Any, tokenizer: Any,
+    out: Path,
+) -> None:  # fmt: skip
+    """TuCo of each retained suite's ``eval.explain`` worst-forgotten items of the arm (``ftlab.analysis.explain``)."""
+    from ftlab.analysis.explain import explain_arm
+
+    suites = [ev.suites[name] for name in ev.retained]
+    base_model = load_model(cfg.base, settings=cfg.load)[0].to(model.device)
+    explain_arm(
+        store, run_id, arm.name, len(cfg.stages), [s.name for s in suites], cfg.eval.explain, base_model, model,
+        tokenizer, arm_dir(out, arm.name), {s.name: s.higher_is_better for s in suites},
+    )  # fmt: skip
+    del base_model
+
+
 def run_sweep(
-    cfg: ExperimentConfig, arm: ArmConfig, store: Store, run_id: str, ev: Evaluator, model: Any, tokenizer: Any
+    cfg: ExperimentConfig,
+    arm: ArmConfig,
+    store: Store,
+    run_id: str,
+    ev: Evaluator,
+    model: Any,
+    tokenizer: Any,
+    model_dir: Path | None = None,
 ) -> None:
     """Score each repair point of an arm's final model; weight edits are applied in place and undone after.
 
-    The edits come from ``ftlab.edits.EDITS``: a weight edit's state dict is loaded into the tuned model, a
-    decode-time composite is built over the base and tuned models and scored as a model.
+    The edits come from ``ftlab.edits.EDITS``. A weight edit streams over the base's and the arm's saved
+    checkpoints (``model_dir``) shard by shard into a temporary folder and is loaded into the tuned model tensor by
+    tensor (``ftlab.edits.stream``), so the sweep holds one copy of the tuned weights to restore, not fp32 copies
+    of base, tuned and edited models; when either is not a safetensors checkpoint (an embedded test model, a sparse
+    diff) the edit runs in memory on fp32 state dicts. A decode-time composite is built over the base and tuned
+    models and scored as a model.
     """
     from ftlab.edits import EDITS, apply_edit
+    from ftlab.edits.stream import load_weights_into, open_checkpoint, stream_edit
 
     n = len(cfg.stages)
     points = [p for p in sweep_points(arm) if ev.missing(p[0], n)]
     if not points:
         return
-    base_model, _ = load_model(cfg.base)
-    base_sd = state_dict_fp32(base_model)
-    tuned_sd = state_dict_fp32(model)
+    sources = None
+    if model_dir is not None and any(not EDITS[e].composite for _, e, _ in points):
+        sources = [open_checkpoint(cfg.base), open_checkpoint(model_dir, cfg.base)]
+        sources = sources if all(s is not None for s in sources) else None
+    need_base = sources is None or any(EDITS[e].composite for _, e, _ in points)
+    base_model = load_model(cfg.base, settings=cfg.load)[0] if need_base else None
+    base_sd = state_dict_fp32(base_model) if sources is None else None
+    tuned_sd = state_dict_fp32(model) if sources is None else {k: v.detach().to("cpu", copy=True)
+                                                                for k, v in model.state_dict().items()}  # fmt: skip
     for name, edit, settings in points:
         store.add_arm(run_id, name, "edit", edit, arm.name, {"edit": edit, "settings": settings})
         console.print(f"[bold]{name}[/]: repair point")
         if EDITS[edit].composite:
-            ev.run(EDITS[edit].apply(base_model, model, **settings), tokenizer, name, n)
+            ev.run(EDITS[edit].apply(base_model, model, **settings), tokenizer, name, n, split=False)
             continue
-        model.load_state_dict(apply_edit(edit, base_sd, tuned_sd, **settings), strict=False)
-        ev.run(model, tokenizer, name, n)
+        if sources is None:
+            model.load_state_dict(apply_edit(edit, base_sd, tuned_sd, **settings), strict=False)
+        else:
+            work = model_dir.parent / f".{model_dir.name}.sweep"
+            stream_edit(edit, sources[0], sources[1:], work, **settings)
+            load_weights_into(model, work)
+            shutil.rmtree(work, ignore_errors=True)
+        faults.point("sweep")
+        ev.run(model, tokenizer, name, n, split=False)
     model.load_state_dict(tuned_sd, strict=False)
     del base_model
 
@@ -227,12 +454,14 @@ def process_state() -> Any:
     return PartialState(cpu=cpu_process_group())
 
 
-def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[str, Any]:
+def run_experiment(cfg: ExperimentConfig, store: Store | None = None, suites: dict | None = None) -> dict[str, Any]:
     """Run (or resume) an experiment; returns the summary that is also written to ``<out>/summary.json``.
 
     Args:
         cfg: a validated experiment config.
         store: the store to write (default: ``Store()``, i.e. ``$FTLAB_STORE`` or ``~/.local/share/ftlab``).
+        suites: what ``preflight(cfg)`` returned, when the caller ran it before opening the store; None runs it
+            here, before the output folder or any store row is written.
 
     Returns:
         The summary dict (see ``ftlab.report.digest.build_summary``).
@@ -248,8 +477,9 @@ def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[st
     out = Path(cfg.out)
     run_id = run_id_for(cfg)
 
-    # loads every suite first: a bad suite file fails before anything is written
-    ev = Evaluator(cfg, store, run_id, enabled=ranks.is_main_process)
+    # reads every suite, every stage's data and the base reference first: bad input fails before anything is written
+    suites = preflight(cfg) if suites is None else suites
+    ev = Evaluator(cfg, store, run_id, enabled=ranks.is_main_process, suites=suites)
     out.mkdir(parents=True, exist_ok=True)
     config = {
         **to_dict(cfg),
@@ -263,24 +493,59 @@ def run_experiment(cfg: ExperimentConfig, store: Store | None = None) -> dict[st
             # rather than reuse scores of models that no longer exist.
             console.print(f"run {run_id}: output folder {out} is new; earlier results of this run are dropped")
             store.forget_run(run_id)
+        remove_temps(out)  # temporaries of atomic writes a killed process left behind
+        previous = marker.read_text().strip() if marker.is_file() else None
+        if previous and previous != run_id:
+            clear_other_runs_work(store, out, previous, config)
         store.start_run(run_id, cfg.name, str(out.resolve()), config, cfg.seed, git_sha(), versions())
         write_text(marker, run_id + "\n")
     ranks.wait_for_everyone()
     console.print(f"run [bold]{run_id}[/] -> {out}  (store {store.path})")
     store.add_arm(run_id, "base", "base", "none", None, {"model": cfg.base})
-    if ranks.is_main_process and ev.missing("base", 0):
-        base, tok = load_model(cfg.base)
-        console.print("[bold]base[/]: evaluating once for every arm")
-        ev.run(base, tok, "base", 0)
+    if ev.missing("base", 0, conjugate=True):  # every process: evaluation is split across them
+        base, tok = load_model(cfg.base, settings=cfg.load)
+        if ranks.is_main_process:
+            console.print("[bold]base[/]: evaluating once for every arm")
+        ev.run(base, tok, "base", 0, conjugate=True)
         del base
     for arm in cfg.arms:
         run_arm(cfg, arm, store, run_id, ev, out)  # ends at a barrier, so every store write is in
     summary = build_summary(store, run_id)
     if ranks.is_main_process:
         write_json(out / "summary.json", summary)
+        faults.point("summary")
         store.finish_run(run_id)
         log_to_trackers(cfg, summary, out)
     return summary
+
+
+def clear_other_runs_work(store: Store, out: Path, previous: str, config: dict[str, Any]) -> None:
+    """The output folder held another run (``previous``): drop its unfinished stages' work folders, so no stage of
+    this run resumes from another config's checkpoint. One exception: the previous run stopped on a NaN loss and
+    differs from this one only in learning rates; then a stage it stopped keeps its last good checkpoint, and
+    resumes from it with the new rate (``ftlab.train.sft.scale_lr_after_failure``)."""
+    import json
+
+    from ftlab.train.sft import FAILURE_FILE
+
+    old = store.run(previous)
+    same = (
+        old is not None
+        and old["status"] == "failed"
+        and _without_lr(json.loads(old["config"])) == _without_lr(json.loads(json.dumps(config, default=str)))
+    )
+    for work in (out / "arms").glob("*/stage-*.work"):
+        if not (same and (work / FAILURE_FILE).is_file()):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _without_lr(obj: Any) -> Any:
+    """A config mapping with every ``lr`` key left out (at any depth)."""
+    if isinstance(obj, dict):
+        return {k: _without_lr(v) for k, v in obj.items() if k != "lr"}
+    if isinstance(obj, list):
+        return [_without_lr(v) for v in obj]
+    return obj
 
 
 def log_to_trackers(cfg: ExperimentConfig, summary: dict[str, Any], out: Path) -> None:

@@ -21,6 +21,8 @@ from ftlab.atomic import replace_dir, write_json
 from ftlab.config import ConfigError, RunConfig, to_dict
 from ftlab.data import check_columns, sft_dataset
 from ftlab.data.sources import hold_out, load_train_data
+from ftlab.loading import check_device, check_method
+from ftlab.memory import announce
 from ftlab.methods import method_config
 from ftlab.models import load_model, load_tokenizer, save_model
 from ftlab.train.sft import TrainResult, train_sft
@@ -39,17 +41,32 @@ def run_train(cfg: RunConfig) -> tuple[Path, TrainResult]:
         )
     method_config(cfg.method.name, cfg.method.params)
     check_columns(cfg.data.columns, "data.columns")
+    check_method(cfg.load, cfg.method.name)  # a quantized base trains only LoRA: refused before any weight loads
+    check_device(cfg.load)
+    if cfg.load.quantized and cfg.output.merge_lora:
+        raise ConfigError(
+            "output.merge_lora: merging into a quantized base would round the adapter into its 4/8-bit weights; "
+            "save the adapter and merge it later on an unquantized base (ftlab eval/edit take the adapter folder)"
+        )
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.load)
     data = cfg.data
     records, fmt = load_train_data(data.train, data.format, data.limit, data.split, data.columns)
+    if data.context_indicator:  # the context-dependency indicator (ftlab.data.context)
+        from ftlab.data.context import add_context_indicator
+
+        records = add_context_indicator(records, fmt)
     records, held = hold_out(records, data.validation, cfg.train.seed, fmt, data.columns)
     dataset = sft_dataset(records, fmt, tokenizer, data.max_length, data.truncate)
     eval_dataset = sft_dataset(held, fmt, tokenizer, data.max_length, data.truncate) if held else None
 
     # trackers (train.report_to) log under the output folder's name, tensorboard to <dir>/tb (ftlab.trackers)
     train = dataclasses.replace(cfg.train, run_name=cfg.train.run_name or out.resolve().name)
-    model, tokenizer = load_model(cfg.model)
+    announce(
+        cfg.model, cfg.load, cfg.method.name, cfg.method.params, train, data.max_length,
+        title=f"memory plan: {cfg.method.name} on {cfg.model}",
+    )  # fmt: skip
+    model, tokenizer = load_model(cfg.model, settings=cfg.load)
     with replace_dir(out) as partial:
         result = train_sft(
             model, tokenizer, dataset, cfg.method, train, partial / "work", max_length=data.max_length,

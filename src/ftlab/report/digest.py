@@ -35,8 +35,23 @@ def build_summary(store: Store, run_id: str) -> dict[str, Any]:
       ``retention``, the Pareto plot's x, is their mean with each ratio capped at 1 (1.0 = nothing lost).
     - Continual runs (two or more stages) add ``"matrix"`` (``tasks``, one column per stage, and ``R``, rows 0..T)
       and ``"continual"`` (acc, bwt, fwt, forgetting) per trained arm.
+    - ``"conjugate"`` (runs with ``eval.conjugate``): ``{arm: {suite: {form: {"n", "base", "tuned", "base_conj",
+      "tuned_conj", "lost", "recovered", "verdict", ...}}}}`` (``conjugate_figures``).
+    - ``"explanations"`` (``eval.explain`` > 0): ``{arm: {suite: [{"item_id", "prompt", "reference",
+      "base_answer", "tuned_answer", "tuco", "repaired", "repair_point", ...}]}}``, the worst-forgotten items of
+      each trained arm (``ftlab.analysis.explain.explanations``).
+    - ``"budget"`` and ``"recommended"`` (``keep:``): each arm's forgetting-budget search (``budget_entry``) and the
+      run's recommended model (``recommended``); see docs/figures.md, "The forgetting budget".
     """
-    return summary_dict(load_summary(store, run_id))
+    from ftlab.analysis.explain import explanations
+
+    summary = load_summary(store, run_id)
+    out = summary_dict(summary)
+    # per-item explanations (analysis/explain.py), checked against each arm's budget point where a search ran
+    explained = explanations(store, summary, out.get("budget") or out.get("recommended"))
+    if explained:
+        out["explanations"] = explained
+    return out
 
 
 def summary_dict(summary: RunSummary) -> dict[str, Any]:
@@ -77,7 +92,48 @@ def summary_dict(summary: RunSummary) -> dict[str, Any]:
                 entry["matrix"] = {"tasks": ["+".join(t) for t in summary.stage_targets], "R": R}
                 entry["continual"] = continual_metrics(R)
         out["arms"][p.arm] = entry
+    conjugate = conjugate_figures(summary)
+    if conjugate:
+        out["conjugate"] = conjugate
+    if summary.budgets:  # `keep:` (ftlab.budget): each arm's search, and the recommended model of the run
+        out["budget"] = {arm: budget_entry(rec) for arm, rec in summary.budgets.items()}
+        out["recommended"] = recommended(out["budget"])
     return out
+
+
+def budget_entry(record: dict[str, Any]) -> dict[str, Any]:
+    """An arm's budget search for ``summary.json``: ``{"arm", "keep", "rule", "met", "name", "edit", "value",
+    "target_gain", "retention", "model", "evaluated", "points", "path", "closest", "reason"}``; ``name`` ..
+    ``retention`` describe the chosen point (None when no point met the budget; ``closest`` then names the nearest)."""
+    chosen = record.get("chosen") or {}
+    closest = record.get("closest")
+    return {
+        "arm": record.get("arm"), "keep": record.get("keep"), "rule": record.get("rule"),
+        "met": bool(record.get("met")), "name": chosen.get("name"), "edit": chosen.get("edit"),
+        "value": chosen.get("value"), "target_gain": chosen.get("target_gain"), "retention": chosen.get("retention"),
+        "model": record.get("model"),
+        "evaluated": record.get("evaluated"), "points": record.get("points"),
+        "path": [v.get("name") for v in record.get("path") or []], "reason": record.get("reason"),
+        "closest": closest.get("name") if closest else None,
+    }  # fmt: skip
+
+
+def recommended(budgets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run's recommended model: among the arms whose search met the budget, the chosen point with the largest
+    target gain; when none met, the first arm's entry (``met`` False, its ``closest`` named)."""
+    met = [b for b in budgets.values() if b["met"]]
+    if met:
+        return max(met, key=lambda b: b["target_gain"] if b["target_gain"] is not None else float("-inf"))
+    return next(iter(budgets.values()))
+
+
+def conjugate_figures(summary: RunSummary) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """``{arm: {suite: {form: figures}}}``: how much of each trained arm's loss on a retained suite its answers under
+    a conjugate form win back (``ftlab.evals.conjugate.recovery``); empty when the run asked no suite in a form."""
+    from ftlab.evals.conjugate import run_recovery
+
+    trained = [a["arm"] for a in summary.arms if a["kind"] == "train"]
+    return run_recovery(summary.item_scores, summary.final_stage, trained, summary.retained, summary.confidence)
 
 
 def _suite_entry(summary: RunSummary, p: Point, suite: str, change: SuiteChange) -> dict[str, Any]:

@@ -39,13 +39,21 @@ def figure_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def pareto_figure(points: list[Point], front: list[bool], x_label: str = "retention") -> Figure:
+def pareto_figure(
+    points: list[Point],
+    front: list[bool],
+    x_label: str = "retention",
+    paths: dict[str, list[str]] | None = None,
+    recommended: list[str] | None = None,
+) -> Figure:
     """Target gain (y) against retained ratio (x) with the Pareto front drawn and the base model at (1, 0).
 
     Args:
         points: the arms to place; each needs ``gain`` and ``retention``.
         front: one flag per point, True for points on the Pareto front.
         x_label: the x axis label.
+        paths: arm -> the points a forgetting-budget search visited, in order (drawn as a numbered dotted line).
+        recommended: the points the searches chose (ringed in green).
 
     Returns:
         The figure.
@@ -74,12 +82,33 @@ def pareto_figure(points: list[Point], front: list[bool], x_label: str = "retent
         xs, ys = zip(*on_front, strict=True)
         ax.step(xs, ys, where="post", color="tab:red", lw=1.5, zorder=2, label="Pareto front")
         ax.scatter(xs, ys, facecolors="none", edgecolors="tab:red", s=140, zorder=2)
+    _search_paths(ax, by_arm, paths or {}, recommended or [])
     ax.set_xlabel(f"{x_label} (1.0 = unchanged; right is better)")
     ax.set_ylabel("target gain over base (up is better)")
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 
+
+
+def _search_paths(ax, by_arm: dict[str, Point], paths: dict[str, list[str]], recommended: list[str]) -> None:
+    """The budget searches' paths (``ftlab.budget``): a dotted line through the visited points in order, each
+    numbered, and a green ring on each chosen point."""
+    labelled = False
+    for names in paths.values():
+        seq = [by_arm[n] for n in names if n in by_arm]
+        if not seq:
+            continue
+        ax.plot([p.retention for p in seq], [p.gain for p in seq], color="tab:green", lw=1.0, ls=":", zorder=2,
+                label=None if labelled else "budget search path")  # fmt: skip
+        labelled = True
+        for i, p in enumerate(seq, 1):
+            ax.annotate(str(i), (p.retention, p.gain), xytext=(-10, -10), textcoords="offset points", fontsize=7,
+                        color="tab:green")  # fmt: skip
+    chosen = [by_arm[n] for n in recommended if n in by_arm]
+    if chosen:
+        ax.scatter([p.retention for p in chosen], [p.gain for p in chosen], facecolors="none", edgecolors="tab:green",
+                   s=260, linewidths=2, zorder=4, label="recommended (keeps the budget)")  # fmt: skip
 
 def heatmap_figure(
     matrices: dict[str, list[list[float | None]]], row_labels: list[str], col_labels: list[str]

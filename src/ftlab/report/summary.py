@@ -95,6 +95,7 @@ class RunSummary:
     item_scores: dict[tuple[str, int, str], dict[str, float]] = field(default_factory=dict)  # -> {item_id: score}
     confidence: float = 0.95  # level of every interval and test
     floors: dict[str, float | None] = field(default_factory=dict)  # suite -> floor (chance, 0, None: no floor)
+    budgets: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> its budget search (ftlab.budget)
 
     def change(self, arm: str, stage: int, suite: str, ref: tuple[str, int] = (BASE, 0)) -> SuiteChange | None:
         """The suite's change from ``ref`` (default: the base model) to ``arm`` at ``stage``, paired over the items
@@ -178,9 +179,23 @@ def load_summary(store: Store, run_id: str) -> RunSummary:
         summary.item_scores.setdefault((row["arm"], row["stage"], row["suite"]), {})[row["item_id"]] = row["score"]
     for row in store.stages(run_id):
         summary.stage_info.setdefault(row["arm"], []).append(row)
+    summary.budgets = _budgets(store, run_id)
     summary.points = [_point(summary, a) for a in arms if a["arm"] != BASE and a["arm"] in final_stage]
     return summary
 
+
+
+def _budgets(store: Store, run_id: str) -> dict[str, dict[str, Any]]:
+    """arm -> the record of its forgetting-budget search (``<out>/arms/<arm>/budget.json``, the arm's ``budget``
+    artifact; ``ftlab.budget.run_budget``); arms whose record is gone are left out."""
+    out = {}
+    for row in store.artifacts(run_id):
+        if row["kind"] == "budget":
+            try:
+                out[row["arm"]] = json.loads(Path(row["path"]).read_text())
+            except (OSError, ValueError):
+                continue
+    return out
 
 def _suite_name(ref: str, known: set[str], named: dict[str, str]) -> str:
     """The stored name of a suite the config names by reference: the name the run recorded for it, else (older runs)

@@ -67,16 +67,85 @@ def _key(work_dir: str | Path) -> str:
     return os.path.abspath(os.path.expanduser(str(work_dir)))
 
 
-def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path) -> dict[str, Any]:
+# Below this many parameters bf16 autocast does not pay: casting weights and activations costs more than the faster
+# matmuls win (measured with bench/throughput.py; see docs/speed.md). ``train.bf16: auto`` stays fp32 there.
+BF16_MIN_PARAMS = 20_000_000
+
+
+def bf16_hardware() -> bool:
+    """True where bf16 matmuls are native: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX tiles.
+
+    A CPU without them emulates bf16 and runs slower than fp32, so ``train.bf16: auto`` stays off there.
+    """
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None)]
+    return any(bool(check()) for check in checks if callable(check))
+
+
+def resolve_bf16(train: TrainConfig, model: Any = None) -> bool:
+    """``train.bf16`` as a bool: ``auto`` is on where the hardware has native bf16 and the model is big enough.
+
+    Args:
+        train: the config (``bf16`` is true, false or ``auto``).
+        model: the model to train; without one ``auto`` resolves to fp32 (DPO and GRPO, not benchmarked yet).
+    """
+    if isinstance(train.bf16, bool):
+        return train.bf16
+    if model is None or not bf16_hardware():
+        return False
+    return sum(p.numel() for p in model.parameters()) >= BF16_MIN_PARAMS
+
+
+def set_threads() -> int:
+    """Use one intra-op thread per physical core (hyper-threads slow matmuls down), unless ``OMP_NUM_THREADS`` or
+    ``torch.set_num_threads`` already chose fewer. Returns the thread count in use."""
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:  # pragma: no cover - psutil ships with accelerate
+        physical = None
+    if physical and not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > physical:
+        torch.set_num_threads(physical)
+    return torch.get_num_threads()
+
+
+def speed_kwargs(train: TrainConfig, model: Any = None) -> dict[str, Any]:
+    """The speed switches (see docs/speed.md), as ``TrainingArguments`` keywords.
+
+    * ``bf16``: autocast to bfloat16 (weights, gradients and optimizer state stay fp32), from ``resolve_bf16``.
+    * ``train_sampling_strategy``: ``group_by_length`` (``train.group_by_length``) batches records of similar length
+      inside random mega-batches of at most a quarter of the data (transformers' ``LengthGroupedSampler``), so less
+      padding is computed; each record still attends only to itself (right padding with an attention mask).
+    * ``optim``: fused AdamW (transformers' default from torch 2.8; named here so an older default does not apply).
+    * ``include_num_input_tokens_seen``: counts real (non-padding) tokens, for tokens/s in the logs.
+    """
+    set_threads()
+    grouped = train.group_by_length and model is not None  # DPO/GRPO rows have no input_ids to measure
+    return dict(
+        bf16=resolve_bf16(train, model),
+        train_sampling_strategy="group_by_length" if grouped else "random",
+        optim="adamw_torch_fused",
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path, model: Any = None) -> dict[str, Any]:
     """``TrainingArguments`` keywords from our TrainConfig (CPU-friendly: no workers; reporting to ``report_to``).
 
     Args:
         train: optimizer and schedule settings.
         work_dir: the trainer's output (checkpoint) folder.
+        model: the model to train, given by the SFT adapter: ``bf16: auto`` and ``group_by_length`` apply only then.
 
     Returns:
         Keyword arguments accepted by every TRL config class (SFTConfig, GRPOConfig, DPOConfig).
     """
+    speed = speed_kwargs(train, model)
+    # transformers refuses bf16 on a machine without CUDA unless told to train on the CPU
+    use_cpu = cpu_process_group() or (speed["bf16"] and not torch.cuda.is_available())
     return dict(
         output_dir=str(work_dir),
         learning_rate=train.lr,
@@ -94,10 +163,10 @@ def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path) -> dict[str, A
         save_strategy="steps" if train.save_steps > 0 else "no",
         save_steps=train.save_steps if train.save_steps > 0 else 500,
         save_total_limit=1,
-        bf16=train.bf16,
+        **speed,
         activation_checkpointing=train.gradient_checkpointing,  # TRL turns it on by default; small models do without
         **tracker_kwargs(train, work_dir),
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning only helps host-to-GPU copies
-        use_cpu=cpu_process_group(),
+        use_cpu=use_cpu,
     )

@@ -1,0 +1,559 @@
+"""The forgetting budget: the repair point with the largest target gain whose every retained suite keeps at least
+``keep`` of the base model's score.
+
+The search (``search``) is pure logic over a callback: ``evaluate(point) -> (scores, fresh)`` gives a point's suite
+scores (``SuiteScore``, with per-item rows) and whether it had to be computed (False: read from a cache). It walks
+the repair family along knobs that run from the base (``t = 0``) to the fine-tune (``t = 1``), where a larger ``t``
+gains more on the target and keeps less:
+
+* ``scale``: ``θ0 + t·(θ_ft − θ0)`` (``edits/scale.py``, setting ``factor = t``);
+* ``lines``: LiNeS with α = t and the default β = 1 − α, so the deepest block keeps its whole update and the shallow
+  blocks move with t (``edits/lines.py``);
+* ``reset``: copy back the ``fraction = 1 − t`` of the entries with the smallest change (``edits/reset.py``,
+  ``how="smallest"``);
+* ``merge``: task arithmetic of the fine-tune with a partner fine-tune trained with replay
+  (``edits/merge.py``, ``lam = t``, so ``t = 0.5`` is their average); only when a partner is given.
+
+Order and cost (``max_evals`` points in all, 8 by default, the fine-tune included; the base is the reference and is
+not counted): the fine-tune first (when it meets the budget it is the answer); then bisection on ``scale`` (5 steps:
+the bracket ``[meets, fails]`` starts at ``[0, 1]`` and halves each step, so the answer is within 1/32 of the
+largest factor that meets); then, with what is left, one merge point (with a partner), LiNeS (bisection starting
+at the best factor found) and partial reset (the same). Every evaluated point goes through the callback, which
+caches it (the store, in ``ftlab repair`` and ``ftlab run``), so a second search over the same inputs computes
+nothing.
+
+The budget rule (docs/figures.md, "The forgetting budget"), per retained suite, with the ratio oriented so 1.0 =
+unchanged (``after / before``, ``before / after`` for a lower-is-better suite such as perplexity):
+
+* ``rule="ratio"`` (the default): the suite meets the budget when its ratio is at least ``keep``;
+* ``rule="significance"``: it also meets when its ratio is under ``keep`` but the loss beyond the budget is not
+  significant: the paired interval of its change from the base (``stats.paired_change`` at ``confidence``, shifted
+  onto the suite score as the summary does) reaches the budget line ``keep × base`` (``base / keep`` for
+  perplexity).
+
+A suite whose base score is at its floor (``stats.at_floor``) has no meaningful ratio and never decides. A point
+meets the budget when every deciding suite does. The chosen point is the one with the largest target gain (mean
+oriented gain over the targets) among those that meet, provided that gain is positive; when none does, the result
+says so (``met`` False) and names the closest: the point with the smallest worst shortfall ``keep − ratio``.
+
+The second half of the module (``ModelPoints``, ``scores_from_store``, ``run_budget``) is the model I/O around the
+search: it applies each point to a tuned model, scores it through a runner that writes the store, and writes the
+chosen model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftlab.evals import stats
+from ftlab.evals.forgetting import retained_ratio
+
+KNOBS = ("scale", "lines", "reset", "merge")
+DEFAULT_KNOBS = ("scale", "lines", "reset")
+RULES = ("ratio", "significance")
+MAX_EVALS = 8
+SCALE_STEPS = 5  # bisection steps on scale: the answer is within 2**-5 of the largest factor that meets
+
+
+@dataclass
+class SuiteScore:
+    """One suite's score for one model, with its per-item scores (``{item_id: score}``)."""
+
+    score: float
+    higher_is_better: bool = True
+    n: int = 0
+    items: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Point:
+    """A point of the repair family: a knob (``scale``, ``lines``, ``reset``, ``merge``) at ``t`` in [0, 1]."""
+
+    knob: str
+    t: float
+
+    @property
+    def is_tuned(self) -> bool:
+        return self.t >= 1.0 and self.knob != "merge"
+
+    @property
+    def edit(self) -> str:
+        return self.knob
+
+    @property
+    def setting(self) -> str:
+        return {"scale": "factor", "lines": "alpha", "reset": "fraction", "merge": "lam"}[self.knob]
+
+    @property
+    def value(self) -> float:
+        """The edit's setting: ``t`` itself, except reset's fraction ``1 − t``."""
+        return _round(1.0 - self.t if self.knob == "reset" else self.t)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Keyword settings of the edit (``ftlab.edits.EDITS[edit]``)."""
+        extra = {"reset": {"how": "smallest"}, "merge": {"method": "task_arithmetic"}}.get(self.knob, {})
+        return {self.setting: self.value, **extra}
+
+    @property
+    def label(self) -> str:
+        """``<edit>=<value>``, as ``post:`` sweeps name their points (so a swept point is reused); reset, which the
+        search runs with ``how="smallest"``, is labelled as a two-setting sweep names it (``fraction0.5,howsmallest``)
+        so it never takes the scores of a swept random reset."""
+        if self.knob == "reset":
+            return f"reset=fraction{self.value},howsmallest"
+        return f"{self.edit}={self.value}"
+
+    def name(self, arm: str) -> str:
+        """Its arm name in the store: the tuned arm itself at ``t = 1``, else ``<arm>+<edit>=<value>``."""
+        return arm if self.is_tuned else f"{arm}+{self.label}"
+
+
+@dataclass
+class Visit:
+    """One evaluated point and how it stands against the budget."""
+
+    point: Point
+    gain: float | None
+    ratios: dict[str, float | None]  # retained suite -> oriented ratio (None: at the floor, or no score)
+    suites: dict[str, dict[str, Any]]  # retained suite -> {"ratio", "meets", "beyond", "floor"}
+    meets: bool
+    shortfall: float  # worst keep - ratio over the deciding suites (<= 0 when every ratio keeps the budget)
+    fresh: bool  # computed now (False: from the cache)
+
+    def to_dict(self, arm: str = "tuned") -> dict[str, Any]:
+        return {
+            "name": self.point.name(arm), "edit": self.point.edit, "value": self.point.value,
+            "target_gain": self.gain, "retention": {s: r for s, r in self.ratios.items() if r is not None},
+            "suites": self.suites, "meets": self.meets, "fresh": self.fresh,
+            "shortfall": self.shortfall if math.isfinite(self.shortfall) else None,
+        }  # fmt: skip
+
+
+@dataclass
+class SearchResult:
+    keep: float
+    rule: str
+    path: list[Visit]
+    chosen: Visit | None
+    closest: Visit | None
+    reason: str
+
+    @property
+    def met(self) -> bool:
+        return self.chosen is not None
+
+    @property
+    def evaluated(self) -> int:
+        return sum(v.fresh for v in self.path)
+
+    def to_dict(self, arm: str = "tuned") -> dict[str, Any]:
+        """``{"chosen", "closest", "met", "evaluated", "points", "keep", "rule", "reason", "path"}``."""
+        return {
+            "chosen": self.chosen.to_dict(arm) if self.chosen else None,
+            "closest": self.closest.to_dict(arm) if self.closest else None,
+            "met": self.met, "evaluated": self.evaluated, "points": len(self.path), "keep": self.keep,
+            "rule": self.rule, "reason": self.reason, "path": [v.to_dict(arm) for v in self.path],
+        }  # fmt: skip
+
+
+def _round(x: float) -> float:
+    return round(float(x), 6)
+
+
+def check_keep(keep: Any, where: str = "keep") -> float:
+    """``keep`` as a float in (0, 1]; a ValueError naming ``where`` otherwise."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ValueError(f"{where}: {keep!r} is not a number in (0, 1] (the share of each retained score to keep)")
+    return float(keep)
+
+
+# ---------------------------------------------------------------------------------------------------- the rule
+def beyond_budget(base: SuiteScore, after: SuiteScore, keep: float, confidence: float = 0.95) -> bool | None:
+    """Whether a suite's loss beyond the budget is significant: the whole paired interval of its oriented change from
+    the base lies below the budget line (``keep × base``, ``base / keep`` for lower-is-better). None without at least
+    two shared items."""
+    shared = [i for i in base.items if i in after.items]
+    if len(shared) < 2:
+        return None
+    sign = 1.0 if base.higher_is_better else -1.0
+    try:
+        change = stats.paired_change(
+            [base.items[i] for i in shared], [after.items[i] for i in shared], confidence=confidence
+        )
+    except ValueError:
+        return None
+    delta = sign * (after.score - base.score)
+    shift = delta - sign * change.delta  # onto the suite score (perplexity pools tokens), as the summary does
+    _, high = sorted((sign * change.ci_low + shift, sign * change.ci_high + shift))
+    line = keep * base.score if base.higher_is_better else base.score / keep
+    return high < sign * (line - base.score)
+
+
+def judge(
+    point: Point,
+    scores: dict[str, SuiteScore],
+    base: dict[str, SuiteScore],
+    targets: list[str],
+    retained: list[str],
+    keep: float,
+    *,
+    floors: dict[str, float | None] | None = None,
+    confidence: float = 0.95,
+    rule: str = "ratio",
+    fresh: bool = True,
+) -> Visit:
+    """A point's target gain and per-suite standing against the budget (the module docstring's rule)."""
+    gains = []
+    for s in targets:
+        if s in scores and s in base:
+            sign = 1.0 if base[s].higher_is_better else -1.0
+            gains.append(sign * (scores[s].score - base[s].score))
+    ratios: dict[str, float | None] = {}
+    suites: dict[str, dict[str, Any]] = {}
+    shortfalls = []
+    for s in retained:
+        b, a = base.get(s), scores.get(s)
+        if b is None or a is None:
+            ratios[s] = None
+            suites[s] = {"ratio": None, "meets": False, "beyond": None, "floor": False}
+            shortfalls.append(math.inf)
+            continue
+        floor = (floors or {}).get(s, 0.0 if b.higher_is_better else None)
+        n = b.n or len(b.items)
+        if (
+            floor is not None
+            and b.higher_is_better
+            and 0 <= b.score <= 1
+            and stats.at_floor(b.score, n, floor, confidence)
+        ):
+            ratios[s] = None
+            suites[s] = {"ratio": None, "meets": True, "beyond": None, "floor": True}
+            continue
+        ratio = retained_ratio(b.score, a.score, b.higher_is_better)
+        ratio = ratio if math.isfinite(ratio) else 0.0
+        beyond = beyond_budget(b, a, keep, confidence)
+        ok = ratio >= keep or (rule == "significance" and beyond is False)
+        ratios[s] = ratio
+        suites[s] = {"ratio": ratio, "meets": ok, "beyond": beyond, "floor": False}
+        shortfalls.append(keep - ratio)
+    shortfall = max(shortfalls, default=0.0)
+    return Visit(
+        point=point, gain=sum(gains) / len(gains) if gains else None, ratios=ratios, suites=suites,
+        meets=all(v["meets"] for v in suites.values()), shortfall=shortfall, fresh=fresh,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- the search
+def search(
+    keep: float,
+    base: dict[str, SuiteScore],
+    targets: list[str],
+    retained: list[str],
+    evaluate: Callable[[Point], tuple[dict[str, SuiteScore], bool]],
+    *,
+    floors: dict[str, float | None] | None = None,
+    confidence: float = 0.95,
+    rule: str = "ratio",
+    max_evals: int = MAX_EVALS,
+    knobs: tuple[str, ...] = DEFAULT_KNOBS,
+    partner: bool = False,
+    on_visit: Callable[[Visit], None] | None = None,
+) -> SearchResult:
+    """Find the point with the largest target gain that keeps ``keep`` of every retained suite.
+
+    Args:
+        keep: the budget, in (0, 1].
+        base: the base model's scores, suite -> ``SuiteScore`` (targets and retained).
+        targets: target suites (gain is their mean oriented change).
+        retained: retained suites (each must keep the budget).
+        evaluate: ``point -> (scores, fresh)``; ``fresh`` is False when the scores came from a cache.
+        floors: suite -> floor (chance, 0; None: no floor); missing suites get 0 (higher-is-better) or none.
+        confidence: level of the paired tests (significance rule and ``beyond``).
+        rule: ``ratio`` or ``significance`` (module docstring).
+        max_evals: the most points visited, the fine-tune included.
+        knobs: knobs to search after the fine-tune, in order; ``scale`` is always first when named.
+        partner: a replay-trained partner fine-tune is available (adds one ``merge`` point).
+        on_visit: called with each visit as it is made (progress).
+
+    Returns:
+        The ``SearchResult``: path (every visit in order), chosen (None when no point meets), closest, reason.
+    """
+    keep = check_keep(keep)
+    if rule not in RULES:
+        raise ValueError(f"rule: {rule!r} is not one of {', '.join(RULES)}")
+    unknown = [k for k in knobs if k not in KNOBS]
+    if unknown:
+        raise ValueError(f"knobs: {', '.join(unknown)} not among {', '.join(KNOBS)}")
+    if max_evals < 1:
+        raise ValueError(f"max_evals: {max_evals} is below 1")
+    path: list[Visit] = []
+    seen: dict[Point, Visit] = {}
+
+    def visit(point: Point) -> Visit | None:
+        point = Point(point.knob, _round(point.t))
+        if point.is_tuned:
+            point = Point("scale", 1.0)
+        if point in seen:
+            return seen[point]
+        if len(path) >= max_evals:
+            return None
+        scores, fresh = evaluate(point)
+        v = judge(point, scores, base, targets, retained, keep, floors=floors, confidence=confidence, rule=rule,
+                  fresh=fresh)  # fmt: skip
+        path.append(v)
+        seen[point] = v
+        if on_visit:
+            on_visit(v)
+        return v
+
+    def bisect(knob: str, first: float, steps: int) -> float:
+        """Bisection of [meets, fails] = [0, 1] on one knob, starting at ``first``; returns the best t that met."""
+        lo, hi, t = 0.0, 1.0, first
+        for _ in range(steps):
+            v = visit(Point(knob, t))
+            if v is None:
+                break
+            if v.meets:
+                lo = t
+            else:
+                hi = t
+            t = (lo + hi) / 2
+            if hi - lo < 2.0**-SCALE_STEPS / 2:
+                break
+        return lo
+
+    tuned = visit(Point("scale", 1.0))
+    assert tuned is not None
+    reason = ""
+    if tuned.gain is None or tuned.gain <= 0:
+        reason = "the fine-tune has no target gain over the base; there is nothing to keep"
+    elif tuned.meets:
+        reason = "the fine-tune itself keeps the budget"
+    else:
+        best_t = 0.5
+        if "scale" in knobs:
+            best_t = bisect("scale", 0.5, min(SCALE_STEPS, max_evals - len(path)))
+        others = [k for k in knobs if k not in ("scale", "merge")]
+        if partner:
+            visit(Point("merge", 0.5))
+        for i, knob in enumerate(others):
+            left = max_evals - len(path)
+            share = math.ceil(left / (len(others) - i)) if left > 0 else 0
+            if share:
+                bisect(knob, best_t if best_t > 0 else 0.5, share)
+    meeting = [v for v in path if v.meets and v.gain is not None and v.gain > 0]
+    chosen = max(meeting, key=lambda v: (v.gain, -path.index(v)), default=None)
+    closest = None
+    if chosen is None:
+        pool = [v for v in path if v.gain is not None and v.gain > 0] or path
+        closest = min(pool, key=lambda v: (v.shortfall, -(v.gain or 0.0)))
+        if not reason:
+            reason = f"no point keeps {keep:g} of every retained suite; closest: {closest.point.label}"
+    elif not reason:
+        reason = f"{chosen.point.label} has the largest target gain among the points that keep the budget"
+    return SearchResult(keep=keep, rule=rule, path=path, chosen=chosen, closest=closest, reason=reason)
+
+
+# ---------------------------------------------------------------------------------------------------- model I/O
+def scores_from_store(
+    store: Any, run_id: str, arm: str, stage: int, suites: list[str]
+) -> dict[str, SuiteScore] | None:
+    """A model's stored scores on ``suites`` (with per-item scores), or None when any is missing."""
+    rows = {r["suite"]: r for r in store.results(run_id, arm) if r["stage"] == stage}
+    if any(s not in rows for s in suites):
+        return None
+    out = {}
+    for s in suites:
+        r = rows[s]
+        items = {i["item_id"]: i["score"] for i in store.items(run_id, arm, stage, s)}
+        out[s] = SuiteScore(float(r["score"]), bool(r["higher_is_better"]), int(r["n"] or len(items)), items)
+    return out
+
+
+class ModelPoints:
+    """The search's ``evaluate`` callback over real models: applies a point's weight edit to the tuned model, scores
+    it with ``run(model, tokenizer, arm_name, stage)`` (which writes missing results to the store), and reads the
+    scores back from the store, so every point is cached there.
+
+    Args:
+        store, run_id, arm, stage: where the points live (``<arm>+<edit>=<value>`` at ``stage``; the tuned model is
+            ``arm`` itself).
+        suites: every suite a point is scored on (targets and retained).
+        base_model, tuned_model, tokenizer: the models; the tuned model is edited in place and restored by
+            ``restore``.
+        run: ``(model, tokenizer, arm_name, stage) -> None``.
+        partner_model: a replay-trained fine-tune of the same base for ``merge`` points (optional).
+    """
+
+    def __init__(
+        self, store: Any, run_id: str, arm: str, stage: int, suites: list[str], base_model: Any, tuned_model: Any,
+        tokenizer: Any, run: Callable[[Any, Any, str, int], None], partner_model: Any = None,
+    ) -> None:  # fmt: skip
+        self.store, self.run_id, self.arm, self.stage, self.suites = store, run_id, arm, stage, suites
+        self.base_model, self.model, self.tokenizer, self.run = base_model, tuned_model, tokenizer, run
+        self.partner_model = partner_model
+        self._base_sd = self._tuned_sd = self._partner_sd = None
+
+    def _sds(self) -> tuple[Any, Any]:
+        from ftlab.models import state_dict_fp32
+
+        if self._tuned_sd is None:
+            self._base_sd, self._tuned_sd = state_dict_fp32(self.base_model), state_dict_fp32(self.model)
+            if self.partner_model is not None:
+                self._partner_sd = state_dict_fp32(self.partner_model)
+        return self._base_sd, self._tuned_sd
+
+    def load(self, point: Point) -> None:
+        """Put the point's weights into the tuned model (the fine-tune's own weights at ``t = 1``)."""
+        from ftlab.edits import apply_edit
+
+        base_sd, tuned_sd = self._sds()
+        if point.is_tuned:
+            self.model.load_state_dict(tuned_sd, strict=False)
+            return
+        tuned: Any = tuned_sd
+        if point.knob == "merge":
+            if self._partner_sd is None:
+                raise ValueError("a merge point needs a partner model")
+            tuned = [tuned_sd, self._partner_sd]
+        self.model.load_state_dict(apply_edit(point.edit, base_sd, tuned, **point.settings), strict=False)
+
+    def restore(self) -> None:
+        if self._tuned_sd is not None:
+            self.model.load_state_dict(self._tuned_sd, strict=False)
+
+    def __call__(self, point: Point) -> tuple[dict[str, SuiteScore], bool]:
+        name = point.name(self.arm)
+        cached = scores_from_store(self.store, self.run_id, name, self.stage, self.suites)
+        if cached is not None:
+            return cached, False
+        if not point.is_tuned:
+            config = {"edit": point.edit, "settings": point.settings, "search": "budget"}
+            self.store.add_arm(self.run_id, name, "edit", point.edit, self.arm, config)
+        self.load(point)
+        try:
+            self.run(self.model, self.tokenizer, name, self.stage)
+        finally:
+            self.restore()
+        scores = scores_from_store(self.store, self.run_id, name, self.stage, self.suites)
+        if scores is None:
+            raise RuntimeError(f"{name}: the runner stored no scores for {', '.join(self.suites)}")
+        return scores, True
+
+    def save(self, point: Point, out: str | Path) -> Path:
+        """Write the point's model to ``out`` (safetensors, atomically) and restore the tuned weights."""
+        from ftlab.models import save_model
+
+        self.load(point)
+        try:
+            return save_model(self.model, self.tokenizer, out)
+        finally:
+            self.restore()
+
+
+def describe(result: SearchResult, arm: str) -> list[str]:
+    """Lines for a console: each visit, then the verdict."""
+    lines = []
+    for i, v in enumerate(result.path, 1):
+        ratios = ", ".join(f"{s} {r:.3f}" if r is not None else f"{s} floor" for s, r in v.ratios.items())
+        gain = "n/a" if v.gain is None else f"{v.gain:+.3f}"
+        mark = "meets" if v.meets else "misses"
+        cache = "" if v.fresh else " (cached)"
+        lines.append(f"{i}. {v.point.name(arm)}: gain {gain}; {ratios}: {mark}{cache}")
+    if result.chosen:
+        lines.append(f"chosen: {result.chosen.point.name(arm)} ({result.reason})")
+    else:
+        lines.append(f"budget not met: {result.reason}")
+    return lines
+
+
+def run_budget(
+    keep: float,
+    store: Any,
+    run_id: str,
+    arm: str,
+    stage: int,
+    targets: list[str],
+    retained: list[str],
+    floors: dict[str, float | None],
+    confidence: float,
+    base_model: Any,
+    tuned_model: Any,
+    tokenizer: Any,
+    run: Callable[[Any, Any, str, int], None],
+    out_dir: str | Path,
+    *,
+    max_evals: int = MAX_EVALS,
+    rule: str = "ratio",
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The search on one trained arm of a run (``ftlab run`` with ``keep:``): every point stored as a repair point of
+    ``arm``, the chosen model written to ``<out_dir>/recommended`` and the record to ``<out_dir>/budget.json`` (both
+    atomically, registered as the arm's ``recommended`` and ``budget`` artifacts).
+
+    Returns:
+        The record: ``SearchResult.to_dict`` plus ``"arm"`` and ``"model"`` (the recommended folder, or None).
+    """
+    from ftlab.atomic import write_json
+
+    suites = list(dict.fromkeys(targets + retained))
+    base = scores_from_store(store, run_id, "base", 0, suites)
+    if base is None:
+        raise RuntimeError(f"run {run_id}: the base has no stored scores on {', '.join(suites)}")
+    points = ModelPoints(store, run_id, arm, stage, suites, base_model, tuned_model, tokenizer, run)
+    result = search(keep, base, targets, retained, points, floors=floors, confidence=confidence, rule=rule,
+                    max_evals=max_evals)  # fmt: skip
+    out = Path(out_dir)
+    record = {"arm": arm, **result.to_dict(arm), "model": None}
+    if result.chosen is not None:
+        model_dir = out / "recommended"
+        points.save(result.chosen.point, model_dir)
+        record["model"] = str(model_dir)
+        store.add_artifact(run_id, arm, "recommended", str(model_dir))
+    write_json(out / "budget.json", record)
+    store.add_artifact(run_id, arm, "budget", str(out / "budget.json"))
+    for line in describe(result, arm) if log else []:
+        log(line)
+    return record
+
+
+def budget_pending(arm_out: str | Path) -> bool:
+    """Whether an arm's budget search has not written its record yet (``<arm_out>/budget.json``)."""
+    return not (Path(arm_out) / "budget.json").exists()
+
+
+def run_experiment_budget(
+    cfg: Any, keep: float, store: Any, run_id: str, arm: str, ev: Any, model: Any, tokenizer: Any, arm_out: Path,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """``ftlab run``'s hook: the search on one trained arm's final model (``keep:`` in the experiment).
+
+    ``cfg`` is the experiment config (its ``base``, ``load``, ``stages`` and ``eval.confidence`` are read), ``ev`` the
+    run's evaluator (its ``suites``, ``targets``, ``retained`` and ``run``). The points are stored as repair points of
+    the arm at its last stage; see ``run_budget``.
+    """
+    from ftlab.models import load_model
+
+    targets = [ev.suites[r].name for r in ev.targets]
+    retained = [ev.suites[r].name for r in ev.retained]
+    floors = {s.name: s.floor for s in ev.suites.values()}
+    base_model, _ = load_model(cfg.base, settings=getattr(cfg, "load", None))
+    try:
+        return run_budget(
+            keep, store, run_id, arm, len(cfg.stages), targets, retained, floors, cfg.eval.confidence, base_model,
+            model, tokenizer, lambda m, tok, name, stage: ev.run(m, tok, name, stage, split=False), arm_out, log=log,
+        )  # fmt: skip
+    finally:
+        del base_model
+
+
+__all__ = [
+    "KNOBS", "MAX_EVALS", "RULES", "ModelPoints", "Point", "SearchResult", "SuiteScore", "Visit", "beyond_budget",
+    "budget_pending", "check_keep", "describe", "judge", "run_budget", "run_experiment_budget", "scores_from_store",
+    "search",
+]  # fmt: skip
