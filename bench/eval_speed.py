@@ -67,8 +67,7 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true", help="also time ftlab with batch size 1")
     args = parser.parse_args()
 
-    from ftlab.evals import evaluate, load_suite
-    from ftlab.evals import generation
+    from ftlab.evals import evaluate, generation, load_suite
     from ftlab.models import load_model
 
     model, tok = load_model(args.model)

@@ -4,9 +4,9 @@ Run: ``python bench/throughput.py [--steps 6] [--warmup 2] [--rounds 2] [--batch
 
 Every configuration trains the embedded model (smollm2-135m-instruct) in its own subprocess (so ``peak_rss_mb`` is its
 own) on the same tokenized records, with the same batch size, number of optimizer steps, seed, learning rate (ftlab's
-default 1e-4, constant) and gradient clipping. The rounds are interleaved (A B C .. A B C ..) and the best round of each
-configuration is reported, since the machine may be shared; the fp32 matmul speed is measured right before every
-subprocess and each row is compared with the one measured next to it.
+default 1e-4, constant) and gradient clipping. The rounds are interleaved (A B C .. A B C ..) and the best round of
+each configuration is reported, since the machine may be shared; the fp32 matmul speed is measured right before
+every subprocess and each row is compared with the one measured next to it.
 
 Configurations (system/method):
 
@@ -16,9 +16,9 @@ Configurations (system/method):
 * ``trl-defaults/full``: SFTConfig's own defaults untouched (bf16 autocast and activation checkpointing on).
 * ``ftlab/full``, ``ftlab/lora``: ``ftlab.train.sft.train_sft`` (the path ``ftlab train`` and ``ftlab run`` take) with
   ftlab's defaults (``train.bf16: auto``, ``train.group_by_length: true``).
-* with ``--ablate``: ``ftlab-bf16only/full`` (group_by_length off) and ``ftlab-grouponly/full`` (bf16 off), to say which
-  switch bought what; ``ftlab/lift`` and ``ftlab/sparse`` to check that the sparse methods' selection and optimizer do
-  not dominate a step (``setup_s`` is the time before the first step: LIFT's mask, LT-SFT's first phase).
+* with ``--ablate``: ``ftlab-bf16only/full`` (group_by_length off) and ``ftlab-grouponly/full`` (bf16 off), to say
+  which switch bought what; ``ftlab/lift`` and ``ftlab/sparse`` to check that the sparse methods' selection and
+  optimizer do not dominate a step (``setup_s`` is the time before the first step: LIFT's mask, LT-SFT's first phase).
 
 Data: the invented-capitals training records, the world-knowledge questions with their answers, and passages of the
 general-text suite cut into continuations of 1 to 6 sentences: 40 to 350 tokens a record, shuffled with seed 0.
@@ -97,7 +97,9 @@ def bench_records() -> list[dict]:
         i = 0
         while i + 2 <= len(sentences):
             k = rng.randint(1, 6)
-            records.append({"prompt": "Continue the text: " + sentences[i], "completion": " ".join(sentences[i + 1 : i + 1 + k])})
+            records.append(
+                {"prompt": "Continue the text: " + sentences[i], "completion": " ".join(sentences[i + 1 : i + 1 + k])}
+            )
             i += 1 + k
     rng.shuffle(records)
     return records
@@ -296,8 +298,8 @@ def main() -> None:
     for rnd in range(args.rounds):
         for config in configs:
             gflops = matmul_gflops()
-            cmd = [sys.executable, __file__, "--child", config, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--batch-size", str(args.batch_size)]  # fmt: skip
+            cmd = [sys.executable, __file__, "--child", config, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]  # fmt: skip
             print(f"round {rnd + 1}/{args.rounds}: {config} (matmul {gflops:.0f} GFLOP/s)", file=sys.stderr)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

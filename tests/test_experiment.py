@@ -85,17 +85,17 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     assert store.count("stages", run_id) == 4
 
 
-def _close(a, b, tol=1e-6) -> bool:
+def _close(a, b, tol=1e-6, path="summary") -> bool:
     if isinstance(a, dict):
-        assert a.keys() == b.keys(), (a.keys(), b.keys())
-        return all(_close(a[k], b[k], tol) for k in a)
+        assert a.keys() == b.keys(), (path, a.keys(), b.keys())
+        return all(_close(a[k], b[k], tol, f"{path}.{k}") for k in a)
     if isinstance(a, list):
-        assert len(a) == len(b)
-        return all(_close(x, y, tol) for x, y in zip(a, b, strict=False))
+        assert len(a) == len(b), path
+        return all(_close(x, y, tol, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True)))
     if isinstance(a, float) and isinstance(b, float):
-        assert abs(a - b) <= tol * max(1.0, abs(b)), (a, b)
+        assert abs(a - b) <= tol * max(1.0, abs(b)), (path, a, b)
         return True
-    assert a == b, (a, b)
+    assert a == b, (path, a, b)
     return True
 
 
@@ -211,7 +211,9 @@ def test_demo_config_has_every_method_and_a_repair_sweep():
     from ftlab.recipes.demo import demo_config
     from ftlab.recipes.experiment import validate
 
-    cfg = demo_config("out/x", all_methods=True)  # `ftlab demo --all`; the default's arms: tests/test_speed_switches.py
+    cfg = demo_config(
+        "out/x", all_methods=True
+    )  # `ftlab demo --all`; the default's arms: tests/test_speed_switches.py
     validate(cfg)
     assert [a.method.name for a in cfg.arms] == list(METHODS)
     full = next(a for a in cfg.arms if a.name == "full")

@@ -220,9 +220,9 @@ def test_train_config_load_section_reaches_the_loader(tmp_path, completion_file,
 
 
 def test_run_loads_the_base_with_the_experiment_load_section(tmp_path, monkeypatch):
-    import ftlab.recipes.run as run
     from test_top_floor import tiny_experiment
 
+    import ftlab.recipes.run as run
     from ftlab.recipes.experiment import load_experiment
     from ftlab.store import Store
 

@@ -96,7 +96,9 @@ def test_length_grouping_keeps_each_records_loss_and_cuts_padding(tmp_path):
         return list(trainer.get_train_dataloader())
 
     grouped, shuffled = epoch(True), epoch(False)
-    padded = {name: sum(b["input_ids"].numel() for b in batches) for name, batches in [("g", grouped), ("r", shuffled)]}
+    padded = {
+        name: sum(b["input_ids"].numel() for b in batches) for name, batches in [("g", grouped), ("r", shuffled)]
+    }
     seen = []
     with torch.no_grad():
         for batch in grouped:
@@ -120,8 +122,7 @@ def test_grouped_training_still_learns(train_tiny):
 def test_default_demo_is_the_short_story_and_all_is_the_old_demo():
     from ftlab.methods import METHODS
     from ftlab.recipes.demo import DEFAULT_ARMS, demo_config
-    from ftlab.recipes.experiment import validate
-    from ftlab.recipes.experiment import sweep_points
+    from ftlab.recipes.experiment import sweep_points, validate
 
     short, old = demo_config("out/x"), demo_config("out/x", all_methods=True)
     validate(short)
@@ -142,3 +143,23 @@ def test_default_demo_costs_under_a_third_of_the_old_in_model_passes():
     short, old = demo_config("out/x"), demo_config("out/x", all_methods=True)
     new_cost, old_cost = compute_estimate(short), compute_estimate(old)
     assert new_cost["total"] < 0.33 * old_cost["total"]  # ~0.27 in model passes, before bf16's speed-up
+
+
+def test_length_grouped_order_is_a_function_of_seed_and_epoch():
+    """A resumed run skips finished epochs without drawing them: each epoch's order must not depend on the past."""
+    from ftlab.train.trainer_args import EpochSeededLengthSampler
+
+    lengths = [3, 40, 7, 22, 15, 9, 31, 4, 18, 27, 12, 36, 5, 25, 8, 30]
+    a = EpochSeededLengthSampler(4, lengths, seed=1)
+    orders = []
+    for epoch in range(3):
+        a.set_epoch(epoch)
+        torch.manual_seed(epoch)  # the global RNG must not matter
+        orders.append(list(a))
+    b = EpochSeededLengthSampler(4, lengths, seed=1)
+    b.set_epoch(2)  # a run resumed in epoch 2 draws epoch 2's order first
+    assert list(b) == orders[2]
+    assert sorted(orders[0]) == list(range(len(lengths)))  # every record once
+    assert orders[0] != orders[1]  # a new order each epoch
+    c = EpochSeededLengthSampler(4, lengths, seed=2)
+    assert list(c) != orders[0]

@@ -39,8 +39,10 @@ def test_sorted_batches_return_answers_in_the_callers_order(model, tok):
 ITEMS = [
     {"prompt": "Question: why is the sky blue?\nAnswer:", "choices": ["because of scattering", "no", "it is not"]},
     {"prompt": "Q: 2+2?\nA:", "choices": ["four", "five apples", "22"]},
-    {"prompt": "The longest prompt of them all, with many words before the options.\nAnswer:",
-     "choices": ["yes indeed", "maybe so", "no way at all", "x"]},  # fmt: skip
+    {
+        "prompt": "The longest prompt of them all, with many words before the options.\nAnswer:",
+        "choices": ["yes indeed", "maybe so", "no way at all", "x"],
+    },  # fmt: skip
     {"prompt": "Pick:", "choices": ["a", "b"]},  # single-token options: one forward of the context
 ]
 

@@ -43,6 +43,7 @@ class Edit:
         composite: a decode-time composite (scored as a model; writes no weights).
         prepare: for a weight edit, ``prepare(inputs, **settings) -> step``: its statistics passes and elementwise
             step (``ftlab.edits.chunks``), which both ``apply_edit`` and the streaming ``ftlab.edits.stream`` run.
+            An edit without one runs ``apply`` on whole fp32 state dicts, in memory (it cannot stream).
     """
 
     apply: Callable[..., Any]
@@ -95,7 +96,11 @@ def apply_edit(name: str, base_sd: StateDict, tuned_sd: StateDict | list[StateDi
         tuned_list = [{k: v for k, v in t.items() if k not in aliases} for t in tuned_list]
     if name != "merge" and len(tuned_list) != 1:
         raise ValueError(f"{name} takes one fine-tuned state dict, got {len(tuned_list)}")
-    out = run_in_memory(EDITS[name].prepare, base_sd, tuned_list, aliases=aliases, **settings)
+    edit = EDITS[name]
+    if edit.prepare is None:  # a whole-state-dict edit: runs in memory only
+        out = edit.apply(base_sd, tuned_list if name == "merge" else tuned_list[0], **settings)
+    else:
+        out = run_in_memory(edit.prepare, base_sd, tuned_list, aliases=aliases, **settings)
     for head, embed in aliases.items():
         out[head] = out[embed].clone()
     return out

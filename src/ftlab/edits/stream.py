@@ -343,6 +343,8 @@ def stream_edit(
     if name not in EDITS or EDITS[name].composite:
         weights = [k for k, e in EDITS.items() if not e.composite]
         raise ValueError(f"unknown edit {name!r} (a weight edit); choose from {', '.join(weights)}")
+    if EDITS[name].prepare is None:
+        raise ValueError(f"edit {name!r} has no prepare step, so it cannot stream; it runs in memory (apply_edit)")
     if not tuned or (name != "merge" and len(tuned) != 1):
         raise ValueError(f"{name} takes {'at least' if name == 'merge' else 'exactly'} one fine-tuned model")
     start = time.perf_counter()

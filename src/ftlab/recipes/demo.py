@@ -5,8 +5,8 @@ selective method (HFT) land elsewhere on the gain-vs-retained plane, and a repai
 scaling, LiNeS) shows how much can be won back after training.
 
 The default keeps the story at about a quarter of the old demo's compute (see ``compute_estimate`` and docs/speed.md):
-three arms instead of seven, two repair points instead of three, the near and mid retained suites (the far suites, among
-them the long generations of ``instructions``, and general-text perplexity only with ``--all``), and the training
+three arms instead of seven, two repair points instead of three, the near and mid retained suites (the far suites,
+among them the long generations of ``instructions``, and general-text perplexity only with ``--all``), and the training
 speed switches (bf16 autocast where the hardware has it). ``all_methods=True`` (``ftlab demo --all``) is the previous
 demo exactly: every registered method, all five retained suites, and fp32 training without length grouping.
 """
@@ -106,7 +106,15 @@ def demo_dict(out: str = "out/demo", steps: int = 18, all_methods: bool = False)
 # forward 2, gradients of activations 2, gradients of the trained weights 2 times their share. LoRA and LIFT train
 # adapters (share ~0); freeze trains layers 20-29 of 30 (backward stops at layer 20); LocFT one matrix (backward
 # stops at its layer, about the middle); LT-SFT adds its full fine-tuning phase (4 steps at 6).
-_TRAIN_UNITS = {"full": 6.0, "lora": 4.0, "hft": 5.0, "lift": 4.0, "sparse": 6.0, "freeze": 2 + 4 * 10 / 30, "locft": 3.0}
+_TRAIN_UNITS = {
+    "full": 6.0,
+    "lora": 4.0,
+    "hft": 5.0,
+    "lift": 4.0,
+    "sparse": 6.0,
+    "freeze": 2 + 4 * 10 / 30,
+    "locft": 3.0,
+}
 
 
 def compute_estimate(cfg: ExperimentConfig, tokenizer: Any = None) -> dict[str, float]:
@@ -144,4 +152,9 @@ def compute_estimate(cfg: ExperimentConfig, tokenizer: Any = None) -> dict[str, 
         eval_tokens += sum(len(x) + cap for x in encode_prompts(tokenizer, [i["prompt"] for i in suite.items]))
     points = sum(len(v) if isinstance(v, list) else 1 for a in cfg.arms for v in (a.post or {}).values())
     models = 1 + len(cfg.arms) + points
-    return {"train": train, "eval": models * eval_tokens, "models_evaluated": models, "total": train + models * eval_tokens}
+    return {
+        "train": train,
+        "eval": models * eval_tokens,
+        "models_evaluated": models,
+        "total": train + models * eval_tokens,
+    }

@@ -418,7 +418,8 @@ def run_sweep(
     if not points:
         return
     sources = None
-    if model_dir is not None and any(not EDITS[e].composite for _, e, _ in points):
+    weight_edits = [EDITS[e] for _, e, _ in points if not EDITS[e].composite]
+    if model_dir is not None and weight_edits and all(e.prepare is not None for e in weight_edits):
         sources = [open_checkpoint(cfg.base), open_checkpoint(model_dir, cfg.base)]
         sources = sources if all(s is not None for s in sources) else None
     need_base = sources is None or any(EDITS[e].composite for _, e, _ in points)

@@ -90,7 +90,6 @@ def pareto_figure(
     return fig
 
 
-
 def _search_paths(ax, by_arm: dict[str, Point], paths: dict[str, list[str]], recommended: list[str]) -> None:
     """The budget searches' paths (``ftlab.budget``): a dotted line through the visited points in order, each
     numbered, and a green ring on each chosen point."""
@@ -109,6 +108,7 @@ def _search_paths(ax, by_arm: dict[str, Point], paths: dict[str, list[str]], rec
     if chosen:
         ax.scatter([p.retention for p in chosen], [p.gain for p in chosen], facecolors="none", edgecolors="tab:green",
                    s=260, linewidths=2, zorder=4, label="recommended (keeps the budget)")  # fmt: skip
+
 
 def heatmap_figure(
     matrices: dict[str, list[list[float | None]]], row_labels: list[str], col_labels: list[str]

@@ -184,7 +184,6 @@ def load_summary(store: Store, run_id: str) -> RunSummary:
     return summary
 
 
-
 def _budgets(store: Store, run_id: str) -> dict[str, dict[str, Any]]:
     """arm -> the record of its forgetting-budget search (``<out>/arms/<arm>/budget.json``, the arm's ``budget``
     artifact; ``ftlab.budget.run_budget``); arms whose record is gone are left out."""
@@ -196,6 +195,7 @@ def _budgets(store: Store, run_id: str) -> dict[str, dict[str, Any]]:
             except (OSError, ValueError):
                 continue
     return out
+
 
 def _suite_name(ref: str, known: set[str], named: dict[str, str]) -> str:
     """The stored name of a suite the config names by reference: the name the run recorded for it, else (older runs)

@@ -28,7 +28,7 @@ from ftlab.data.tokenize import sft_dataset
 from ftlab.loading import ModelSettings, check_method, is_quantized
 from ftlab.methods import PlanContext, apply_plan, get_method, method_config, optimizer_state_bytes, trainable_count
 from ftlab.train.stage import StageJob
-from ftlab.train.trainer_args import base_trainer_kwargs, trainer_inputs
+from ftlab.train.trainer_args import base_trainer_kwargs, seed_length_grouping, trainer_inputs
 
 
 @dataclass
@@ -213,6 +213,7 @@ def run_trainer(
     if checkpoint is not None:
         scale_lr_after_failure(trainer, work_dir)
     faults.instrument_trainer(trainer)
+    seed_length_grouping(trainer)
     t0 = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=checkpoint)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from ftlab.config import TrainConfig
 from ftlab.trackers import trainer_location
@@ -130,6 +131,40 @@ def speed_kwargs(train: TrainConfig, model: Any = None) -> dict[str, Any]:
         optim="adamw_torch_fused",
         include_num_input_tokens_seen="non_padding",
     )
+
+
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """transformers' ``LengthGroupedSampler`` with an order drawn from ``seed + epoch``, not the global RNG.
+
+    The stock sampler draws each epoch's mega-batches from the global generator, so a run resumed from a checkpoint
+    (which skips the finished epochs without drawing them) sees other batches than the uninterrupted run. Seeding each
+    epoch the way accelerate's seedable random sampler does makes the order a function of (seed, epoch): a resumed
+    run trains on the same batches, and ``skip_first_batches`` skips the ones already seen.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):  # noqa: ANN204 - a Sampler's iterator
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def seed_length_grouping(trainer: Any) -> None:
+    """Make a trainer's length-grouped sampler resumable (``EpochSeededLengthSampler``); other samplers are left."""
+    build = trainer._get_train_sampler
+
+    def sampler(*args: Any, **kwargs: Any) -> Any:
+        found = build(*args, **kwargs)
+        if type(found) is LengthGroupedSampler:
+            return EpochSeededLengthSampler(found.batch_size, found.lengths, trainer.args.seed)
+        return found
+
+    trainer._get_train_sampler = sampler
 
 
 def base_trainer_kwargs(train: TrainConfig, work_dir: str | Path, model: Any = None) -> dict[str, Any]:
