@@ -307,6 +307,13 @@ def test_keep_in_an_experiment_writes_the_recommended_model(keep, tiny_pair, tmp
         assert rec["closest"] and not (tmp_path / "out" / "arms" / "full" / "recommended").exists()
     page = render_report(store, summary["run_id"], tmp_path / "r.html").read_text()
     assert 'id="budget"' in page and f'class="recommended">{rec["name"]}<' in page
+    import io
+
+    from ftlab.cli.train import print_table
+
+    printed = io.StringIO()
+    print_table(summary, file=printed)  # what `ftlab run` prints last
+    assert f"recommended (keep {keep}): {rec['name']}" in printed.getvalue()
 
 
 def test_keep_is_validated(tmp_path):

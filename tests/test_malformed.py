@@ -648,6 +648,13 @@ CASES = [
         ["proportion"],
     ),
     Case("range-dpo-beta", run_set("arms=[{name: d, trainer: dpo, settings: {beta: -1}}]"), ["beta"]),
+    Case("range-dpo-beta-nan", run_set("arms=[{name: d, trainer: dpo, settings: {beta: .nan}}]"), ["dpo.beta"]),
+    Case(
+        "range-dpo-label-smoothing",
+        run_set("arms=[{name: d, trainer: dpo, settings: {label_smoothing: 0.7}}]"),
+        ["label_smoothing"],
+    ),  # fmt: skip
+    Case("range-grpo-beta-inf", run_set("arms=[{name: g, trainer: grpo, settings: {beta: .inf}}]"), ["grpo.beta"]),
     Case(
         "range-grpo-num-generations",
         run_set("arms=[{name: g, trainer: grpo, settings: {num_generations: 1}}]"),

@@ -119,6 +119,23 @@ def print_table(summary: dict[str, Any], file: Any = None) -> None:
     )
     for line in repair_lines(summary):
         out.print(line)
+    if summary.get("recommended"):
+        out.print(recommended_line(summary["recommended"]))
+
+
+def recommended_line(rec: dict[str, Any]) -> str:
+    """One line on the run's recommended model (``keep:``): the point, its gain and retention, or the closest miss."""
+    if not rec.get("met"):
+        return (
+            f"keep {rec.get('keep')}: no point of arm {rec.get('arm')} met the budget ({rec.get('reason') or 'none'}); "
+            f"closest: {rec.get('closest')}"
+        )
+    kept = ", ".join(f"{s} {r:.2f}" for s, r in (rec.get("retention") or {}).items())
+    gain = rec.get("target_gain")
+    return (
+        f"recommended (keep {rec.get('keep')}): {rec.get('name')} (target gain {gain:+.3f}; kept {kept}) "
+        f"after {rec.get('evaluated')} evaluations, saved at {rec.get('model')}"
+    )
 
 
 def _mark(entry: dict[str, Any] | None) -> str:

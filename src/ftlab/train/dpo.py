@@ -42,8 +42,10 @@ class DPOSettings:
 
     def __post_init__(self) -> None:
         check_reference(self.reference, "dpo")
-        if self.beta <= 0:
-            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+        if not self.beta > 0 or self.beta == float("inf"):  # `not >` also refuses NaN
+            raise ConfigError(f"dpo.beta must be > 0 and finite, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 def dpo_dataset(records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> Dataset:

@@ -74,8 +74,8 @@ class GRPOSettings:
         check_reference(self.reference, "grpo")
         if self.num_generations < 2:
             raise ConfigError(f"grpo.num_generations must be >= 2 (group advantages), got {self.num_generations}")
-        if self.beta < 0:
-            raise ConfigError(f"grpo.beta must be >= 0, got {self.beta}")
+        if not 0 <= self.beta < float("inf"):  # also refuses NaN
+            raise ConfigError(f"grpo.beta must be >= 0 and finite, got {self.beta}")
         if not 0.0 <= self.format_weight <= 1.0:
             raise ConfigError(f"grpo.format_weight must be in [0, 1], got {self.format_weight}")
         if self.rif_rollouts < 1:
