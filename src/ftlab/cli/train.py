@@ -127,8 +127,8 @@ def recommended_line(rec: dict[str, Any]) -> str:
     """One line on the run's recommended model (``keep:``): the point, its gain and retention, or the closest miss."""
     if not rec.get("met"):
         return (
-            f"keep {rec.get('keep')}: no point of arm {rec.get('arm')} met the budget ({rec.get('reason') or 'none'}); "
-            f"closest: {rec.get('closest')}"
+            f"keep {rec.get('keep')}: no point of arm {rec.get('arm')} met the budget "
+            f"({rec.get('reason') or 'none'}); closest: {rec.get('closest')}"
         )
     kept = ", ".join(f"{s} {r:.2f}" for s, r in (rec.get("retention") or {}).items())
     gain = rec.get("target_gain")
