@@ -56,7 +56,8 @@ def demo_config(out: str = "out/demo", steps: int = 18, all_methods: bool = Fals
         out: output folder.
         steps: optimizer steps per arm (batch 8).
         all_methods: the previous demo: one arm per registered method, every retained suite, fp32 training without
-            length grouping; otherwise full, LoRA and HFT on the near and mid retained suites with the default speed switches.
+            length grouping; otherwise full, LoRA and HFT on the near and mid retained suites with the default speed
+            switches.
     """
     return from_dict(ExperimentConfig, demo_dict(out, steps, all_methods))
 
