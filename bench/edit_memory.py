@@ -6,10 +6,10 @@ is built from the config on the meta device and written tensor by tensor with ra
 this script never holds a model either. Three "fine-tunes" are the base plus small deltas, written the same way.
 Each edit runs as its own ``ftlab edit ...`` process; its peak resident memory comes from ``os.wait4``.
 
-Prints one JSON line per edit, ``{"edit", "peak_rss_mb", "model_mb", "seconds", "ratio"}`` (``model_mb``: bytes of
-one model's safetensors files; ``ratio`` = peak / model), then one ``{"matmul_gflops"}`` line for the machine. The
-goal is ``peak_rss_mb <= 1.5 * model_mb`` for every edit; the exit code is 1 when an edit misses it or fails. The
-temporary folder is removed at the end unless ``--keep`` names one.
+Prints one JSON line per edit, ``{"edit", "peak_rss_mb", "model_mb", "seconds", "ratio", "matmul_gflops"}``
+(``model_mb``: bytes of one model's safetensors files; ``ratio`` = peak / model; ``matmul_gflops``: the machine's fp32
+matmul, measured once before the edits). The goal is ``peak_rss_mb <= 1.5 * model_mb`` for every edit; the exit code
+is 1 when an edit misses it or fails. The temporary folder is removed at the end unless ``--keep`` names one.
 """
 
 from __future__ import annotations
@@ -166,18 +166,19 @@ def main() -> int:
             "lines": ["lines", "--base", base, "--tuned", t1, "--alpha", "0.5"],
             "merge": ["merge", "--base", base, "--tuned", t1, "--tuned", t2, "--tuned", t3],
         }
+        gflops = round(matmul_gflops(), 1)
         for name, cmd in edits.items():
             out = root / f"out-{name}"
             peak, seconds, code = run_edit([str(c) for c in cmd] + ["--out", str(out)])
             model_mb = model_bytes / 2**20
             row = {"edit": name, "peak_rss_mb": round(peak, 1), "model_mb": round(model_mb, 1),
-                   "seconds": round(seconds, 1), "ratio": round(peak / model_mb, 3)}  # fmt: skip
+                   "seconds": round(seconds, 1), "ratio": round(peak / model_mb, 3),
+                   "matmul_gflops": gflops}  # fmt: skip
             if code != 0:
                 row["exit_code"] = code
             print(json.dumps(row), flush=True)
             ok = ok and code == 0 and peak <= LIMIT * model_mb
             shutil.rmtree(out, ignore_errors=True)
-        print(json.dumps({"matmul_gflops": round(matmul_gflops(), 1)}), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
