@@ -80,3 +80,18 @@ def spy_kwargs(monkeypatch, owner, name: str) -> dict:
 
     monkeypatch.setattr(owner, name, spy)
     return seen
+
+
+def close_summaries(a, b, tol=1e-6, path="summary") -> bool:
+    """Equal summaries: floats within ``tol`` (relative), the rest exactly; a failure names the key path."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (path, a.keys(), b.keys())
+        return all(close_summaries(a[k], b[k], tol, f"{path}.{k}") for k in a)
+    if isinstance(a, list):
+        assert len(a) == len(b), path
+        return all(close_summaries(x, y, tol, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True)))
+    if isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= tol * max(1.0, abs(b)), (path, a, b)
+        return True
+    assert a == b, (path, a, b)
+    return True

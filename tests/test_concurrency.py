@@ -75,7 +75,7 @@ def test_two_runs_and_pollers_on_one_store(tmp_path):
             assert listed.returncode == 0 and "locked" not in listed.stdout + listed.stderr, listed.stderr
             polls += 1
             counts = consistent(db)
-            assert counts["results"] >= last["results"] and counts["items"] >= last["items"]  # nothing disappears
+            assert counts["results"] >= last["results"] and counts["items"] >= last["items"], (counts, last)  # kept
             last = counts
             for run in Store(db).runs():
                 code = zygote.run(["report", run["run_id"], "--store", str(db), "--format", "json"])
@@ -92,13 +92,13 @@ def test_two_runs_and_pollers_on_one_store(tmp_path):
     # nothing lost: both runs are whole and, being the same experiment, agree on every score
     store = Store(db)
     runs = store.runs()
-    assert sorted(r["status"] for r in runs) == ["done", "done"]
+    assert sorted(r["status"] for r in runs) == ["done", "done"], runs
     per_run = [store.count("results", r["run_id"]) for r in runs]
-    assert per_run == [2 + 3 * 2] * 2  # base + full + lora + full+scale=0.5, each on 2 suites
+    assert per_run == [2 + 3 * 2] * 2, per_run  # base + full + lora + full+scale=0.5, each on 2 suites
     consistent(db)
     one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
     assert one["run_id"] != two["run_id"]
-    assert one["base"] == two["base"]
+    assert one["base"] == two["base"], (one["base"], two["base"])
     _close(strip(one), strip(two))
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _util import close_summaries as _close
 from _util import write_jsonl
 
 from ftlab.recipes.experiment import load_experiment, sweep_points
@@ -83,20 +84,6 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     # no duplicates: base + 2 arms x 2 stages + 2 repair points, each on 3 suites
     assert store.count("results", run_id) == 3 + 2 * 2 * 3 + 2 * 3
     assert store.count("stages", run_id) == 4
-
-
-def _close(a, b, tol=1e-6, path="summary") -> bool:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), (path, a.keys(), b.keys())
-        return all(_close(a[k], b[k], tol, f"{path}.{k}") for k in a)
-    if isinstance(a, list):
-        assert len(a) == len(b), path
-        return all(_close(x, y, tol, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True)))
-    if isinstance(a, float) and isinstance(b, float):
-        assert abs(a - b) <= tol * max(1.0, abs(b)), (path, a, b)
-        return True
-    assert a == b, (path, a, b)
-    return True
 
 
 def test_summary_figures_and_repair_identities(tmp_path):

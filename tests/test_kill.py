@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _util import close_summaries as _close
 from _util import write_jsonl
 
 ZYGOTE = r"""
@@ -221,20 +222,6 @@ def strip(summary: dict) -> dict:
             name: {k: v for k, v in arm.items() if k != "train_seconds"} for name, arm in summary["arms"].items()
         },
     }
-
-
-def _close(a, b, tol=1e-6) -> bool:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        return all(_close(a[k], b[k], tol) for k in a)
-    if isinstance(a, list):
-        assert len(a) == len(b)
-        return all(_close(x, y, tol) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and isinstance(b, float):
-        assert abs(a - b) <= tol * max(1.0, abs(b)), (a, b)
-        return True
-    assert a == b, (a, b)
-    return True
 
 
 def test_a_kill_inside_every_phase_resumes_to_the_uninterrupted_result(world):
