@@ -109,7 +109,7 @@ def _meta_tiny(ref, settings):
 def test_run_plans_every_arm_and_names_the_one_that_does_not_fit(tmp_path, monkeypatch, capsys):
     from ftlab.config import from_dict
     from ftlab.recipes.experiment import ExperimentConfig, validate
-    from ftlab.recipes.run import plan_arms
+    from ftlab.recipes.preflight import plan_arms
 
     cfg = from_dict(
         ExperimentConfig,

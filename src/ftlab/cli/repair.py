@@ -94,7 +94,8 @@ def run_repair(
     import hashlib
 
     from ftlab.atomic import write_json
-    from ftlab.budget import ModelPoints, Point, scores_from_store, search
+    from ftlab.budget import Point, search
+    from ftlab.budget_models import ModelPoints, scores_from_store
     from ftlab.evals import evaluate, load_suite
     from ftlab.models import load_model
     from ftlab.recipes.experiment import git_sha, versions

@@ -186,7 +186,7 @@ def load_summary(store: Store, run_id: str) -> RunSummary:
 
 def _budgets(store: Store, run_id: str) -> dict[str, dict[str, Any]]:
     """arm -> the record of its forgetting-budget search (``<out>/arms/<arm>/budget.json``, the arm's ``budget``
-    artifact; ``ftlab.budget.run_budget``); arms whose record is gone are left out."""
+    artifact; ``ftlab.budget_models.run_budget``); arms whose record is gone are left out."""
     out = {}
     for row in store.artifacts(run_id):
         if row["kind"] == "budget":
