@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import matmul_gflops  # bench/_machine.py (the script's folder is on sys.path)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LIMIT = 1.5
 
@@ -126,17 +128,6 @@ def run_edit(args: list[str]) -> tuple[float, float, int]:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return usage.ru_maxrss / 1024, time.perf_counter() - start, proc.returncode  # ru_maxrss is in KiB on Linux
-
-
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def main() -> int:

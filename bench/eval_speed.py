@@ -27,21 +27,9 @@ import os
 import sys
 import time
 
+from _machine import matmul_gflops  # bench/_machine.py (the script's folder is on sys.path)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 * reps / best / 1e9
 
 
 def plain_generate(model, tok, prompts: list[str], batch_size: int, max_new_tokens: int, chat) -> list[str]:

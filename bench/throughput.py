@@ -16,9 +16,11 @@ Configurations (system/method):
 * ``trl-defaults/full``: SFTConfig's own defaults untouched (bf16 autocast and activation checkpointing on).
 * ``ftlab/full``, ``ftlab/lora``: ``ftlab.train.sft.train_sft`` (the path ``ftlab train`` and ``ftlab run`` take) with
   ftlab's defaults (``train.bf16: auto``, ``train.group_by_length: true``).
-* with ``--ablate``: ``ftlab-bf16only/full`` (group_by_length off) and ``ftlab-grouponly/full`` (bf16 off), to say
-  which switch bought what; ``ftlab/lift`` and ``ftlab/sparse`` to check that the sparse methods' selection and
-  optimizer do not dominate a step (``setup_s`` is the time before the first step: LIFT's mask, LT-SFT's first phase).
+* with ``--ablate``: ``ftlab-bf16only/{full,lora}`` (group_by_length off) and ``ftlab-grouponly/{full,lora}``
+  (bf16 off), to say which switch bought what; ``trl-seed1/{full,lora}``: TRL with another data order (seed 1), the
+  spread that batch order alone puts on ``final_loss``; ``ftlab/lift`` and ``ftlab/sparse`` to check that the sparse
+  methods' selection and optimizer do not dominate a step (``setup_s`` is the time before the first step: LIFT's
+  mask, LT-SFT's first phase).
 
 Data: the invented-capitals training records, the world-knowledge questions with their answers, and passages of the
 general-text suite cut into continuations of 1 to 6 sentences: 40 to 350 tokens a record, shuffled with seed 0.
@@ -29,8 +31,11 @@ Output, one JSON line per configuration (stdout)::
 
 * ``tokens_per_s``: real (non-padding) tokens of the timed steps over their wall time (warm-up steps excluded);
   ``cpu_sec_per_step``: the process's CPU time per timed step (steadier than wall time on a crowded machine).
-* ``final_loss``: mean token loss (nats, answer tokens only) of the trained model on the first 32 records, in fp32,
-  the same records for every configuration; ``train_loss``: the logged loss of every step.
+* ``final_loss``: mean token loss (nats, answer tokens only) of the trained model on 32 held-out records (the last
+  32 of the shuffled records, never trained on), in fp32, the same records for every configuration;
+  ``train_records_loss``: the same on the first 32 training records (which of them a configuration's 8 batches
+  happened to contain moves this one: length grouping picks other batches than a random order); ``train_loss``: the
+  logged loss of every step.
 * ``fraction_of_bound``: achieved model FLOP/s over the fp32 matmul FLOP/s measured next to the row. Model FLOPs per
   real token: full fine-tuning ``6·N`` (N: every parameter); LoRA ``4·N + 6·N_trainable`` (forward and input
   gradients through the frozen weights, weight gradients only for the adapters). Attention scores and activation
@@ -38,7 +43,8 @@ Output, one JSON line per configuration (stdout)::
 
 Then one line ``{"system": "summary", ...}`` with the ratios ftlab/TRL and the loss differences, and one
 ``{"system": "machine", ...}`` line (CPU, threads, fp32 and bf16 matmul GFLOP/s, versions). Loss tolerance: ftlab's
-``final_loss`` within 0.10 nats of TRL's (the batches differ in order under length grouping, and bf16 rounds).
+``final_loss`` within 0.10 nats of TRL's (the batches differ in order under length grouping, and bf16 rounds;
+with ``--ablate`` the ``ftlab-bf16only`` and ``ftlab-grouponly`` rows say which switch moved it).
 Default settings take about 15 minutes on a 2-core CPU at 150 GFLOP/s; ``--quick`` (1 round, 2+1 steps) a quarter.
 """
 
@@ -56,6 +62,8 @@ import sys
 import tempfile
 import time
 
+from _machine import matmul_gflops  # bench/_machine.py (the script's folder is on sys.path)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FTLAB_PROGRESS", "0")
 
@@ -64,24 +72,10 @@ LR = 1e-4
 LOSS_TOLERANCE = 0.10
 EVAL_RECORDS = 32
 CONFIGS = ["trl/full", "ftlab/full", "trl/lora", "ftlab/lora", "trl-defaults/full"]
-ABLATIONS = ["ftlab-bf16only/full", "ftlab-grouponly/full", "ftlab/lift", "ftlab/sparse"]
-
-
-def matmul_gflops(dtype: str = "fp32", n: int = 1024, reps: int = 10) -> float:
-    """Best of five timings of ``reps`` n×n matmuls, in GFLOP/s."""
-    import torch
-
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 * reps / best / 1e9
+ABLATIONS = [
+    "ftlab-bf16only/full", "ftlab-grouponly/full", "ftlab-bf16only/lora", "ftlab-grouponly/lora", "trl-seed1/full",
+    "trl-seed1/lora", "ftlab/lift", "ftlab/sparse",
+]  # fmt: skip
 
 
 def bench_records() -> list[dict]:
@@ -168,7 +162,9 @@ def run_child(config: str, steps: int, warmup: int, batch_size: int) -> dict:
     system, method = config.split("/")
     model, tok = load_model(MODEL)
     n_params = sum(p.numel() for p in model.parameters())
-    dataset = sft_dataset(bench_records(), "completion", tok, max_length=1024)
+    records = bench_records()
+    dataset = sft_dataset(records[:-EVAL_RECORDS], "completion", tok, max_length=1024)
+    held_out = sft_dataset(records[-EVAL_RECORDS:], "completion", tok, max_length=1024)
     total_steps = warmup + steps
     timer = StepTimer()
     work = tempfile.mkdtemp(prefix="ftlab-bench-")
@@ -184,8 +180,10 @@ def run_child(config: str, steps: int, warmup: int, batch_size: int) -> dict:
             learning_rate=LR, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
             include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0, use_cpu=True,
         )  # fmt: skip
-        if system == "trl":
+        if system in ("trl", "trl-seed1"):
             kwargs.update(bf16=False, gradient_checkpointing=False)
+        if system == "trl-seed1":  # another random order of the same records: how far order alone moves the loss
+            kwargs.update(seed=1, data_seed=1)
         args = SFTConfig(**kwargs)
         peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = SFTTrainer(
@@ -208,7 +206,8 @@ def run_child(config: str, steps: int, warmup: int, batch_size: int) -> dict:
         trained, history = result.model, result.log_history
     setup_s = (timer.begin or t0) - t0
     n_trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad) if method != "full" else n_params
-    final = eval_loss(trained, dataset)
+    final = eval_loss(trained, held_out)
+    seen = eval_loss(trained, dataset)
     ends, tokens = timer.ends, timer.tokens
     timed = ends[-1] - ends[warmup - 1] if warmup else ends[-1] - timer.begin
     cpu = timer.cpu[-1] - timer.cpu[warmup - 1] if warmup else None
@@ -222,6 +221,7 @@ def run_child(config: str, steps: int, warmup: int, batch_size: int) -> dict:
         "cpu_sec_per_step": cpu / steps if cpu is not None else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_loss": final,
+        "train_records_loss": seen,
         "train_loss": [round(h["loss"], 4) for h in history if "loss" in h],
         "setup_s": setup_s,
         "flops_per_token": flops_per_token,
@@ -315,8 +315,9 @@ def main() -> None:
                 best[config] = row
     for config in configs:
         row = best[config]
-        for key in ("tokens_per_s", "sec_per_step", "peak_rss_mb", "final_loss", "fraction_of_bound", "setup_s"):
-            row[key] = round(row[key], 4 if key in ("final_loss", "fraction_of_bound") else 2)
+        for key in ("tokens_per_s", "sec_per_step", "peak_rss_mb", "final_loss", "train_records_loss",
+                    "fraction_of_bound", "setup_s"):  # fmt: skip
+            row[key] = round(row[key], 4 if key in ("final_loss", "train_records_loss", "fraction_of_bound") else 2)
         row["matmul_gflops"] = round(row["matmul_gflops"], 1)
         print(json.dumps(row))
     summary: dict = {"system": "summary", "loss_tolerance": LOSS_TOLERANCE}
@@ -330,6 +331,10 @@ def main() -> None:
                 "loss_diff": round(loss_diff, 4),
                 "loss_within_tolerance": abs(loss_diff) <= LOSS_TOLERANCE,
             }
+    for method in ("full", "lora"):  # how far another random order alone moves TRL's own final loss
+        if f"trl/{method}" in best and f"trl-seed1/{method}" in best:
+            spread = best[f"trl-seed1/{method}"]["final_loss"] - best[f"trl/{method}"]["final_loss"]
+            summary[f"order_spread_{method}"] = round(spread, 4)
     print(json.dumps(summary))
     import accelerate
     import peft
