@@ -131,3 +131,23 @@ def test_old_stores_migrate_and_unusable_ones_stay_untouched(tmp_path):
         else:
             raise AssertionError(f"{path} was accepted")
         assert path.read_bytes() == before and not Path(f"{path}-wal").exists()
+
+
+def test_a_store_mid_checkpoint_is_not_called_cut_short(tmp_path):
+    """A checkpoint writes page 1 (the new page count) before the pages after it, so a live WAL store can look cut
+    short to a reader for a moment (the poll above once failed that way); without a -wal beside it, a file shorter
+    than its header says is refused."""
+    from ftlab.store import StoreError, _check_store_file
+
+    db = tmp_path / "s.db"
+    Store(db).start_run("r1", "n", "", {}, 0, "", {})
+    whole = db.read_bytes()
+    db.write_bytes(whole[: len(whole) // 2])  # header claims every page; half the file is there
+    try:
+        _check_store_file(db)
+    except StoreError as err:
+        assert "cut short" in str(err)
+    else:
+        raise AssertionError("a cut-short store without a log was accepted")
+    Path(f"{db}-wal").write_bytes(b"")  # a writer's log beside it: mid-checkpoint, SQLite judges the file
+    _check_store_file(db)
