@@ -191,6 +191,12 @@ def test_sweep_points_and_validation(tmp_path):
         load_experiment(exp, ["arms=[]"])
     with pytest.raises(ConfigError, match="unknown method"):
         load_experiment(exp, ["arms=[{name: x, method: {name: nope}}]"])
+    # arms share the experiment's seed: a seed under an arm's train would be silently replaced, so it is refused
+    with pytest.raises(ConfigError, match=r"arms\.x\.train\.seed: .*top-level `seed:`"):
+        load_experiment(exp, ["arms=[{name: x, method: {name: full}, train: {seed: 1}}]"])
+    with pytest.raises(ConfigError, match=r"exp.yaml: train\.seed"):
+        load_experiment(exp, ["train.seed=1"])
+    assert load_experiment(exp, ["seed=3"]).seed == 3
 
 
 def test_demo_config_has_every_method_and_a_repair_sweep():

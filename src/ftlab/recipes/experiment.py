@@ -219,7 +219,15 @@ def arm_keep(cfg: ExperimentConfig, arm: ArmConfig) -> float | None:
 
 
 def train_config(cfg: ExperimentConfig, stage: StageConfig, arm: ArmConfig) -> TrainConfig:
-    """Experiment defaults, then the stage's overrides, then the arm's; the seed is the experiment's."""
+    """Experiment defaults, then the stage's overrides, then the arm's; the seed is the experiment's (a ``seed``
+    under any ``train`` is refused rather than silently replaced: arms are compared on one data order)."""
+    for where, train in (("train", cfg.train), (f"stages.{stage.name}.train", stage.train),
+                         (f"arms.{arm.name or '?'}.train", arm.train)):  # fmt: skip
+        if "seed" in train:
+            raise ConfigError(
+                f"{where}.seed: arms of an experiment share one seed; set the experiment's top-level `seed:` "
+                "(or run a second experiment with another seed)"
+            )
     merged = {**cfg.train, **stage.train, **arm.train, "seed": cfg.seed}
     merged.setdefault("save_steps", 25)
     return from_dict(TrainConfig, merged, f"arms.{arm.name or '?'}.train.")
