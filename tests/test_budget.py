@@ -80,6 +80,34 @@ def test_each_knob_alone_runs_the_right_way(knob):
         }
 
 
+def test_a_knob_that_cannot_win_gives_its_evaluations_to_the_others():
+    """What the demo's full fine-tune looks like: scale gains nothing until t = 0.3 but loses retention at once, so
+    every scale factor that keeps 0.9 gains 0; partial reset keeps the gain at a smaller loss. Once scale fails at a
+    factor whose gain is already 0, bisecting it further cannot help (gain rises with t), and the evaluations go to
+    LiNeS and reset; LiNeS stops when its failing point gains no more than the best point met."""
+    responses = {  # knob -> (gain(t), retained ratio(t))
+        "scale": (lambda t: max(0.0, t - 0.3), lambda t: 1 - 0.5 * t),
+        "lines": (lambda t: 0.8 * t, lambda t: 0.85 - 0.1 * t),  # never keeps 0.9
+        "reset": (lambda t: 0.8 * t, lambda t: 1 - 0.2 * t),  # keeps 0.9 up to t = 0.5 (gain 0.4)
+    }
+    base = {"target": _binary(0.1), "kept": _binary(0.8)}
+    calls: list[Point] = []
+
+    def evaluate(point: Point):
+        calls.append(point)
+        gain, ratio = responses[point.knob]
+        return {"target": _binary(0.1 + gain(point.t)), "kept": _binary(0.8 * ratio(point.t))}, True
+
+    result = search(0.9, base, ["target"], ["kept"], evaluate)
+    assert len(calls) <= 8 and result.met
+    assert [p.t for p in calls if p.knob == "scale"] == [1.0, 0.5, 0.25]  # 0.25 fails with gain 0: scale stops
+    assert result.chosen.point.knob == "reset" and result.chosen.gain >= 0.3, result.to_dict()
+    assert result.chosen.ratios["kept"] >= 0.9
+    # LiNeS fails at 0.25 with gain 0.2, and reset met at 0.25 with 0.2: LiNeS cannot beat it and stops
+    assert [p.t for p in calls if p.knob == "lines"] == [0.25]
+    assert len(calls) == 8 and result.chosen.gain >= 0.35  # the saved evaluations went to reset's bracket
+
+
 def test_the_fine_tune_itself_when_it_keeps_the_budget():
     base, evaluate, calls = synthetic(lambda s: 0.5 * s, lambda s: 1 - 0.05 * s)
     result = search(0.9, base, ["target"], ["kept"], evaluate)

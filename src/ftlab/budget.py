@@ -15,10 +15,13 @@ gains more on the target and keeps less:
   (``edits/merge.py``, ``lam = t``, so ``t = 0.5`` is their average); only when a partner is given.
 
 Order and cost (``max_evals`` points in all, 8 by default, the fine-tune included; the base is the reference and is
-not counted): the fine-tune first (when it meets the budget it is the answer); then bisection on ``scale`` (5 steps:
-the bracket ``[meets, fails]`` starts at ``[0, 1]`` and halves each step, so the answer is within 1/32 of the
-largest factor that meets); then, with what is left, one merge point (with a partner), LiNeS (bisection starting
-at the best factor found) and partial reset (the same). Every evaluated point goes through the callback, which
+not counted): the fine-tune first (when it meets the budget it is the answer); then bisection on ``scale`` (up to 5
+steps: the bracket ``[meets, fails]`` starts at ``[0, 1]`` and halves each step, so the answer is within 1/32 of the
+largest factor that meets); then, with what is left, one merge point (with a partner), and LiNeS and partial reset
+taking turns, one bisection step each, starting at the best factor scale found (else its smallest failing factor).
+A knob stops early when it cannot win: target gain rises with ``t``, so no point that meets below a knob's smallest
+failing ``t`` gains more than that failing point did; once that gain is no larger than the best point met so far (or
+is zero), the knob's remaining evaluations go to the others. Every evaluated point goes through the callback, which
 caches it (the store, in ``ftlab repair`` and ``ftlab run``), so a second search over the same inputs computes
 nothing.
 
@@ -123,11 +126,15 @@ class Visit:
     meets: bool
     shortfall: float  # worst keep - ratio over the deciding suites (<= 0 when every ratio keeps the budget)
     fresh: bool  # computed now (False: from the cache)
+    # whether every target's gain over the base is significant (paired test at the search's confidence; None: no
+    # per-item rows). A point can meet the budget with a gain of one item: this says whether the gain is real.
+    gain_significant: bool | None = None
 
     def to_dict(self, arm: str = "tuned") -> dict[str, Any]:
         return {
             "name": self.point.name(arm), "edit": self.point.edit, "value": self.point.value,
-            "target_gain": self.gain, "retention": {s: r for s, r in self.ratios.items() if r is not None},
+            "target_gain": self.gain, "gain_significant": self.gain_significant,
+            "retention": {s: r for s, r in self.ratios.items() if r is not None},
             "suites": self.suites, "meets": self.meets, "fresh": self.fresh,
             "shortfall": self.shortfall if math.isfinite(self.shortfall) else None,
         }  # fmt: skip
@@ -207,11 +214,12 @@ def judge(
     fresh: bool = True,
 ) -> Visit:
     """A point's target gain and per-suite standing against the budget (the module docstring's rule)."""
-    gains = []
+    gains, real = [], []
     for s in targets:
         if s in scores and s in base:
             sign = 1.0 if base[s].higher_is_better else -1.0
             gains.append(sign * (scores[s].score - base[s].score))
+            real.append(_gain_significant(base[s], scores[s], confidence))
     ratios: dict[str, float | None] = {}
     suites: dict[str, dict[str, Any]] = {}
     shortfalls = []
@@ -244,10 +252,37 @@ def judge(
     return Visit(
         point=point, gain=sum(gains) / len(gains) if gains else None, ratios=ratios, suites=suites,
         meets=all(v["meets"] for v in suites.values()), shortfall=shortfall, fresh=fresh,
+        gain_significant=None if not real or None in real else all(real),
     )  # fmt: skip
 
 
+def _gain_significant(base: SuiteScore, after: SuiteScore, confidence: float) -> bool | None:
+    """Whether a target suite's change from the base is a significant gain (paired test over the shared items)."""
+    shared = [i for i in base.items if i in after.items]
+    if len(shared) < 2:
+        return None
+    try:
+        change = stats.paired_change([base.items[i] for i in shared], [after.items[i] for i in shared],
+                                     confidence=confidence)  # fmt: skip
+    except ValueError:
+        return None
+    sign = 1.0 if base.higher_is_better else -1.0
+    return bool(change.significant and sign * change.delta > 0)
+
+
 # ---------------------------------------------------------------------------------------------------- the search
+@dataclass
+class _Bracket:
+    """A knob's bisection state: ``lo`` the largest t that met (0: none yet), ``hi`` the smallest that failed (1: the
+    fine-tune), ``hi_gain`` the target gain there, ``t`` the next point to visit."""
+
+    knob: str
+    t: float
+    lo: float = 0.0
+    hi: float = 1.0
+    hi_gain: float | None = None
+
+
 def search(
     keep: float,
     base: dict[str, SuiteScore],
@@ -310,21 +345,29 @@ def search(
             on_visit(v)
         return v
 
-    def bisect(knob: str, first: float, steps: int) -> float:
-        """Bisection of [meets, fails] = [0, 1] on one knob, starting at ``first``; returns the best t that met."""
-        lo, hi, t = 0.0, 1.0, first
-        for _ in range(steps):
-            v = visit(Point(knob, t))
-            if v is None:
-                break
-            if v.meets:
-                lo = t
-            else:
-                hi = t
-            t = (lo + hi) / 2
-            if hi - lo < 2.0**-SCALE_STEPS / 2:
-                break
-        return lo
+    def best_gain() -> float:
+        """The largest gain among the points that met so far (0 when none): what another knob must beat."""
+        return max([0.0, *(v.gain for v in path if v.meets and v.gain is not None)])
+
+    def step(b: _Bracket) -> bool:
+        """One bisection step on a knob's bracket; False when the evaluation budget is spent."""
+        v = visit(Point(b.knob, b.t))
+        if v is None:
+            return False
+        if v.meets:
+            b.lo = b.t
+        else:
+            b.hi, b.hi_gain = b.t, v.gain
+        b.t = (b.lo + b.hi) / 2
+        return True
+
+    def live(b: _Bracket) -> bool:
+        """Whether bisecting on can still find a better point: the bracket is wider than the resolution, and the gain
+        at its failing end beats the best point met so far (gain rises with t, so every point that meets below the
+        failing end gains at most that much)."""
+        if b.hi - b.lo < 2.0**-SCALE_STEPS / 2:
+            return False
+        return b.hi_gain is None or b.hi_gain > best_gain()
 
     tuned = visit(Point("scale", 1.0))
     assert tuned is not None
@@ -334,17 +377,21 @@ def search(
     elif tuned.meets:
         reason = "the fine-tune itself keeps the budget"
     else:
-        best_t = 0.5
+        scale = _Bracket("scale", t=0.5, hi_gain=tuned.gain)
         if "scale" in knobs:
-            best_t = bisect("scale", 0.5, min(SCALE_STEPS, max_evals - len(path)))
-        others = [k for k in knobs if k not in ("scale", "merge")]
+            for _ in range(SCALE_STEPS):
+                if not live(scale) or not step(scale):
+                    break
         if partner:
             visit(Point("merge", 0.5))
-        for i, knob in enumerate(others):
-            left = max_evals - len(path)
-            share = math.ceil(left / (len(others) - i)) if left > 0 else 0
-            if share:
-                bisect(knob, best_t if best_t > 0 else 0.5, share)
+        # the other knobs start where scale's answer lies (its best factor, else its smallest failing one) and take
+        # turns, one evaluation each, until the budget is spent or none can beat the best point met
+        first = scale.lo if scale.lo > 0 else (scale.hi if scale.hi < 1 else 0.5)
+        others = [_Bracket(k, t=first, hi_gain=tuned.gain) for k in knobs if k not in ("scale", "merge")]
+        while len(path) < max_evals:
+            turn = [b for b in others if live(b)]
+            if not turn or not all(step(b) for b in turn if live(b)):
+                break
     meeting = [v for v in path if v.meets and v.gain is not None and v.gain > 0]
     chosen = max(meeting, key=lambda v: (v.gain, -path.index(v)), default=None)
     closest = None

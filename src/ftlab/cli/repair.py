@@ -171,7 +171,7 @@ def run_repair(
 
     def progress(v: Any) -> None:
         ratios = ", ".join(f"{s} {r:.3f}" for s, r in v.ratios.items() if r is not None)
-        gain = "n/a" if v.gain is None else f"{v.gain:+.3f}"
+        gain = "n/a" if v.gain is None else f"{v.gain:+.3f}" + ("" if v.gain_significant is not False else " (n.s.)")
         cached = "" if v.fresh else " [dim](cached)[/]"
         err.print(
             f"[bold]{v.point.name('tuned')}[/]: gain {gain}; {ratios}: {'meets' if v.meets else 'misses'}{cached}"
@@ -209,6 +209,7 @@ def print_result(result: dict[str, Any]) -> None:
                 "floor" if entry.get("floor") else "-" if entry.get("ratio") is None else f"{entry['ratio']:.3f}"
             )
         gain = "-" if v["target_gain"] is None else f"{v['target_gain']:+.3f}"
+        gain += " (n.s.)" if v.get("gain_significant") is False and v["target_gain"] else ""
         table.add_row(
             str(i), v["name"], gain, *cells, "meets" if v["meets"] else "misses", "" if v["fresh"] else "yes"
         )
@@ -217,6 +218,8 @@ def print_result(result: dict[str, Any]) -> None:
     verdict = result["chosen"] or result["closest"]
     if result["met"]:
         out.print(f"chosen: {verdict['name']} keeps {result['keep']:g} of every retained suite ({result['reason']})")
+        if verdict.get("gain_significant") is False:
+            out.print("note: its target gain is not significant (paired test over the target items): it may be noise")
     else:
         out.print(f"budget not met: {result['reason']}")
     out.print(f"evaluated {result['evaluated']} of {result['points']} points (the rest from the store)")

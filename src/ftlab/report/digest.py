@@ -103,14 +103,16 @@ def summary_dict(summary: RunSummary) -> dict[str, Any]:
 
 def budget_entry(record: dict[str, Any]) -> dict[str, Any]:
     """An arm's budget search for ``summary.json``: ``{"arm", "keep", "rule", "met", "name", "edit", "value",
-    "target_gain", "retention", "model", "evaluated", "points", "path", "closest", "reason"}``; ``name`` ..
-    ``retention`` describe the chosen point (None when no point met the budget; ``closest`` then names the nearest)."""
+    "target_gain", "gain_significant", "retention", "model", "evaluated", "points", "path", "closest", "reason"}``;
+    ``name`` .. ``retention`` describe the chosen point (None when no point met the budget; ``closest`` then names
+    the nearest)."""
     chosen = record.get("chosen") or {}
     closest = record.get("closest")
     return {
         "arm": record.get("arm"), "keep": record.get("keep"), "rule": record.get("rule"),
         "met": bool(record.get("met")), "name": chosen.get("name"), "edit": chosen.get("edit"),
-        "value": chosen.get("value"), "target_gain": chosen.get("target_gain"), "retention": chosen.get("retention"),
+        "value": chosen.get("value"), "target_gain": chosen.get("target_gain"),
+        "gain_significant": chosen.get("gain_significant"), "retention": chosen.get("retention"),
         "model": record.get("model"),
         "evaluated": record.get("evaluated"), "points": record.get("points"),
         "path": [v.get("name") for v in record.get("path") or []], "reason": record.get("reason"),
