@@ -106,6 +106,9 @@ def test_a_knob_that_cannot_win_gives_its_evaluations_to_the_others():
     # LiNeS fails at 0.25 with gain 0.2, and reset met at 0.25 with 0.2: LiNeS cannot beat it and stops
     assert [p.t for p in calls if p.knob == "lines"] == [0.25]
     assert len(calls) == 8 and result.chosen.gain >= 0.35  # the saved evaluations went to reset's bracket
+    # the gain's paired test: 0.35 of 400 items is real; scale 0.25 gained nothing, and says so
+    assert result.chosen.gain_significant is True and result.to_dict()["chosen"]["gain_significant"] is True
+    assert next(v for v in result.path if v.point == Point("scale", 0.25)).gain_significant is False
 
 
 def test_the_fine_tune_itself_when_it_keeps_the_budget():
