@@ -151,3 +151,39 @@ def test_a_store_mid_checkpoint_is_not_called_cut_short(tmp_path):
         raise AssertionError("a cut-short store without a log was accepted")
     Path(f"{db}-wal").write_bytes(b"")  # a writer's log beside it: mid-checkpoint, SQLite judges the file
     _check_store_file(db)
+
+
+def _keep_writing(db, stop) -> None:
+    store = Store(db)
+    i = 0
+    while not stop.is_set():
+        store.start_run(f"r{i}", "n" * 2000, "", {"x": "y" * 5000}, 0, "", {})  # each write closes: a checkpoint
+        i += 1
+
+
+def test_a_store_under_constant_writes_is_never_refused(tmp_path):
+    """The race itself: one process writes (every write ends in a checkpoint) while this one checks the file as every
+    ftlab command does on opening. Before the re-read, about 1 check in 160 called the live store cut short."""
+    import multiprocessing
+
+    from ftlab.store import StoreError, _check_store_file
+
+    db = tmp_path / "busy.db"
+    Store(db)
+    stop = multiprocessing.Event()
+    writer = multiprocessing.get_context("fork").Process(target=_keep_writing, args=(db, stop))
+    writer.start()
+    checks, refused = 0, []
+    try:
+        deadline = time.time() + 3
+        while time.time() < deadline:
+            checks += 1
+            try:
+                _check_store_file(db)
+            except StoreError as err:
+                refused.append(str(err))
+    finally:
+        stop.set()
+        writer.join(10)
+    assert Store(db).runs(), "the writer wrote nothing"
+    assert not refused, (len(refused), checks, refused[:1])
