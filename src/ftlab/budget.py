@@ -171,6 +171,17 @@ def _round(x: float) -> float:
     return round(float(x), 6)
 
 
+GAIN_NOT_SIGNIFICANT = "note: its target gain is not significant (paired test over the target items)"
+
+
+def gain_text(gain: float | None, significant: bool | None) -> str:
+    """A point's target gain for a console: ``+0.438``, ``+0.062 (n.s.)`` when its paired test says it may be noise,
+    ``n/a`` without targets."""
+    if gain is None:
+        return "n/a"
+    return f"{gain:+.3f}" + (" (n.s.)" if significant is False and gain else "")
+
+
 def check_keep(keep: Any, where: str = "keep") -> float:
     """``keep`` as a float in (0, 1]; a ValueError naming ``where`` otherwise."""
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:

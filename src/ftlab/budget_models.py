@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.budget import (
+    GAIN_NOT_SIGNIFICANT,
     KNOBS,
     MAX_EVALS,
     RULES,
@@ -21,6 +22,7 @@ from ftlab.budget import (
     Visit,
     beyond_budget,
     check_keep,
+    gain_text,
     judge,
     search,
 )
@@ -127,14 +129,14 @@ def describe(result: SearchResult, arm: str) -> list[str]:
     lines = []
     for i, v in enumerate(result.path, 1):
         ratios = ", ".join(f"{s} {r:.3f}" if r is not None else f"{s} floor" for s, r in v.ratios.items())
-        gain = "n/a" if v.gain is None else f"{v.gain:+.3f}" + ("" if v.gain_significant is not False else " (n.s.)")
+        gain = gain_text(v.gain, v.gain_significant)
         mark = "meets" if v.meets else "misses"
         cache = "" if v.fresh else " (cached)"
         lines.append(f"{i}. {v.point.name(arm)}: gain {gain}; {ratios}: {mark}{cache}")
     if result.chosen:
         lines.append(f"chosen: {result.chosen.point.name(arm)} ({result.reason})")
         if result.chosen.gain_significant is False:
-            lines.append("note: its target gain is not significant (paired test over the target items)")
+            lines.append(GAIN_NOT_SIGNIFICANT)
     else:
         lines.append(f"budget not met: {result.reason}")
     return lines

@@ -94,7 +94,7 @@ def run_repair(
     import hashlib
 
     from ftlab.atomic import write_json
-    from ftlab.budget import Point, search
+    from ftlab.budget import Point, gain_text, search
     from ftlab.budget_models import ModelPoints, scores_from_store
     from ftlab.evals import evaluate, load_suite
     from ftlab.models import load_model
@@ -171,7 +171,7 @@ def run_repair(
 
     def progress(v: Any) -> None:
         ratios = ", ".join(f"{s} {r:.3f}" for s, r in v.ratios.items() if r is not None)
-        gain = "n/a" if v.gain is None else f"{v.gain:+.3f}" + ("" if v.gain_significant is not False else " (n.s.)")
+        gain = gain_text(v.gain, v.gain_significant)
         cached = "" if v.fresh else " [dim](cached)[/]"
         err.print(
             f"[bold]{v.point.name('tuned')}[/]: gain {gain}; {ratios}: {'meets' if v.meets else 'misses'}{cached}"
@@ -200,6 +200,8 @@ def print_result(result: dict[str, Any]) -> None:
     """The search path as a table on stdout, then the verdict."""
     from rich.table import Table
 
+    from ftlab.budget import GAIN_NOT_SIGNIFICANT, gain_text
+
     table = Table("#", "point", "target gain", *[f"kept: {s}" for s in result["retained"]], "budget", "cached")
     for i, v in enumerate(result["path"], 1):
         cells = []
@@ -208,8 +210,7 @@ def print_result(result: dict[str, Any]) -> None:
             cells.append(
                 "floor" if entry.get("floor") else "-" if entry.get("ratio") is None else f"{entry['ratio']:.3f}"
             )
-        gain = "-" if v["target_gain"] is None else f"{v['target_gain']:+.3f}"
-        gain += " (n.s.)" if v.get("gain_significant") is False and v["target_gain"] else ""
+        gain = gain_text(v["target_gain"], v.get("gain_significant"))
         table.add_row(
             str(i), v["name"], gain, *cells, "meets" if v["meets"] else "misses", "" if v["fresh"] else "yes"
         )
@@ -219,7 +220,7 @@ def print_result(result: dict[str, Any]) -> None:
     if result["met"]:
         out.print(f"chosen: {verdict['name']} keeps {result['keep']:g} of every retained suite ({result['reason']})")
         if verdict.get("gain_significant") is False:
-            out.print("note: its target gain is not significant (paired test over the target items): it may be noise")
+            out.print(GAIN_NOT_SIGNIFICANT)
     else:
         out.print(f"budget not met: {result['reason']}")
     out.print(f"evaluated {result['evaluated']} of {result['points']} points (the rest from the store)")
